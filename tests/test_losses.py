@@ -1,0 +1,237 @@
+"""Losses against the loop reference, their exact reductions, stability and input checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss_reference import reference_loss, reference_nt_xent, reference_pool
+from sscl.losses import Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, nt_xent, sscl_loss
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def views(b: int, d: int = 8, seed: int = 0, dtype=torch.float64, requires_grad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    z1 = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    # Correlated second view so positives are more similar than negatives, as in training.
+    z2 = F.normalize(z1 + 0.5 * torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    return z1.requires_grad_(requires_grad), z2.requires_grad_(requires_grad)
+
+
+def value_and_grads(fn, z1, z2):
+    loss = fn(z1, z2)
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    return loss.detach(), g1, g2
+
+
+def assert_same(fn_a, fn_b, z1, z2):
+    la, *ga = value_and_grads(fn_a, z1, z2)
+    lb, *gb = value_and_grads(fn_b, z1, z2)
+    torch.testing.assert_close(la, lb, **TOL)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+def random_mixing(b: int, k: int, seed: int = 1) -> Mixing:
+    # Arbitrary parents (not only the hard pool): the formula must hold for any recipe.
+    g = torch.Generator().manual_seed(seed)
+    two_b = 2 * b
+    j1 = torch.randint(two_b, (two_b, k), generator=g)
+    j2 = torch.randint(two_b, (two_b, k), generator=g)
+    return Mixing(j1, j2, torch.rand(two_b, k, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("b", [2, 3, 8])
+@pytest.mark.parametrize("mode", ["mix", "copy"])
+@pytest.mark.parametrize("temperature,beta,tau_plus", [(0.5, 1.0, 0.1), (0.1, 3.0, 0.05), (1.0, 0.0, 0.0)])
+def test_sscl_matches_loop_reference(b, mode, temperature, beta, tau_plus):
+    z1, z2 = views(b)
+    mixing = random_mixing(b, k=5)
+    hyper = dict(temperature=temperature, beta=beta, tau_plus=tau_plus)
+    assert_same(
+        lambda a, c: sscl_loss(a, c, **hyper, n_hard=2, n_synthetic=5, mode=mode, mixing=mixing),
+        lambda a, c: reference_loss(a, c, **hyper, mixing=mixing, mode=mode),
+        z1,
+        z2,
+    )
+
+
+@pytest.mark.parametrize("b", [2, 5])
+@pytest.mark.parametrize("beta,tau_plus", [(0.0, 0.0), (0.0, 0.2), (2.0, 0.1)])
+def test_hcl_dcl_nt_xent_match_loop_references(b, beta, tau_plus):
+    z1, z2 = views(b, seed=3)
+    assert_same(
+        lambda a, c: hcl_loss(a, c, temperature=0.3, beta=beta, tau_plus=tau_plus),
+        lambda a, c: reference_loss(a, c, temperature=0.3, beta=beta, tau_plus=tau_plus),
+        z1,
+        z2,
+    )
+    assert_same(
+        lambda a, c: dcl_loss(a, c, temperature=0.3, tau_plus=tau_plus),
+        lambda a, c: reference_loss(a, c, temperature=0.3, tau_plus=tau_plus),
+        z1,
+        z2,
+    )
+    assert_same(
+        lambda a, c: nt_xent(a, c, temperature=0.3),
+        lambda a, c: reference_nt_xent(a, c, temperature=0.3),
+        z1,
+        z2,
+    )
+
+
+def test_floor_binds_and_matches_reference():
+    # tau_plus close to 1 with aligned views drives R - tau N pos below the floor.
+    z1, z2 = views(4, seed=5)
+    z2 = F.normalize(z1.detach() + 1e-3, dim=1).requires_grad_(True)
+    hyper = dict(temperature=0.5, beta=0.5, tau_plus=0.9)
+    assert_same(lambda a, c: hcl_loss(a, c, **hyper), lambda a, c: reference_loss(a, c, **hyper), z1, z2)
+
+
+def test_reductions_hold_exactly():
+    z1, z2 = views(6, seed=7)
+    t = 0.4
+    mixing = random_mixing(6, k=4)
+    # K = 0 -> HCL
+    assert_same(
+        lambda a, c: sscl_loss(a, c, temperature=t, beta=1.5, tau_plus=0.1, n_hard=4, n_synthetic=0),
+        lambda a, c: hcl_loss(a, c, temperature=t, beta=1.5, tau_plus=0.1),
+        z1,
+        z2,
+    )
+    # K = 0, beta = 0 -> DCL
+    assert_same(
+        lambda a, c: sscl_loss(a, c, temperature=t, beta=0.0, tau_plus=0.1, n_hard=4, n_synthetic=0),
+        lambda a, c: dcl_loss(a, c, temperature=t, tau_plus=0.1),
+        z1,
+        z2,
+    )
+    # K = 0, beta = 0, tau_plus = 0 -> NT-Xent
+    assert_same(
+        lambda a, c: sscl_loss(a, c, temperature=t, beta=0.0, tau_plus=0.0, n_hard=4, n_synthetic=0),
+        lambda a, c: nt_xent(a, c, temperature=t),
+        z1,
+        z2,
+    )
+
+    # copy, beta = 0, tau_plus = 0 -> InfoNCE whose denominator also holds the K copies.
+    def info_nce_with_copies(a, c):
+        z = torch.cat([a, c])
+        n = z.shape[0]
+        logits = z @ z.T / t
+        logits = logits.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+        copies = (z[:, None, :] * z.detach()[mixing.j1]).sum(-1) / t  # (2B, K)
+        all_logits = torch.cat([logits, copies], dim=1)
+        target = (torch.arange(n) + n // 2) % n
+        return F.cross_entropy(all_logits, target)
+
+    assert_same(
+        lambda a, c: sscl_loss(a, c, temperature=t, beta=0.0, tau_plus=0.0, n_hard=4, n_synthetic=4, mode="copy", mixing=mixing),
+        info_nce_with_copies,
+        z1,
+        z2,
+    )
+    # mix with alpha = 1, or with j2 = j1 -> copy
+    hyper = dict(temperature=t, beta=1.0, tau_plus=0.05, n_hard=4, n_synthetic=4)
+    copy = lambda a, c: sscl_loss(a, c, **hyper, mode="copy", mixing=mixing)  # noqa: E731
+    alpha_one = Mixing(mixing.j1, mixing.j2, torch.ones_like(mixing.alpha))
+    same_parent = Mixing(mixing.j1, mixing.j1, mixing.alpha)
+    assert_same(lambda a, c: sscl_loss(a, c, **hyper, mode="mix", mixing=alpha_one), copy, z1, z2)
+    assert_same(lambda a, c: sscl_loss(a, c, **hyper, mode="mix", mixing=same_parent), copy, z1, z2)
+
+
+@pytest.mark.parametrize("mode", ["mix", "copy"])
+def test_symmetric_under_swapping_views(mode):
+    b = 5
+    z1, z2 = views(b, seed=11)
+    mixing = random_mixing(b, k=3)
+    swap = lambda idx: (idx + b) % (2 * b)  # noqa: E731  row a of [z1; z2] is row a+B of [z2; z1]
+    order = swap(torch.arange(2 * b))
+    swapped = Mixing(swap(mixing.j1)[order], swap(mixing.j2)[order], mixing.alpha[order])
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=3, n_synthetic=3, mode=mode)
+    forward = sscl_loss(z1, z2, **hyper, mixing=mixing, reduction="none")
+    backward = sscl_loss(z2, z1, **hyper, mixing=swapped, reduction="none")
+    torch.testing.assert_close(forward, backward[order], **TOL)
+
+
+def test_drawn_mixing_is_reproducible_and_from_the_hard_pool():
+    b, n_hard, k = 16, 5, 7
+    z1, z2 = views(b, d=16, seed=13)
+    draw = draw_mixing(z1, z2, n_hard=n_hard, n_synthetic=k, generator=torch.Generator().manual_seed(0))
+    again = draw_mixing(z1, z2, n_hard=n_hard, n_synthetic=k, generator=torch.Generator().manual_seed(0))
+    for x, y in zip(draw, again):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    pools = reference_pool(z1, z2, n_hard)
+    for a in range(2 * b):
+        assert set(draw.j1[a].tolist()) <= pools[a] and set(draw.j2[a].tolist()) <= pools[a]
+    assert draw.alpha.min() >= 0 and draw.alpha.max() < 1
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=n_hard, n_synthetic=k)
+    drawn_inside = sscl_loss(z1, z2, **hyper, generator=torch.Generator().manual_seed(0))
+    explicit = sscl_loss(z1, z2, **hyper, mixing=draw)
+    torch.testing.assert_close(drawn_inside, explicit, **TOL)
+    other_seed = sscl_loss(z1, z2, **hyper, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(drawn_inside, other_seed)
+
+
+@pytest.mark.parametrize(
+    "temperature,beta,tau_plus", list(itertools.product([0.05, 0.2, 1.0], [0.0, 1.0, 10.0], [0.0, 0.1, 0.49]))
+)
+def test_stable_in_float32(temperature, beta, tau_plus):
+    z1, z2 = views(64, d=32, seed=19, dtype=torch.float32)
+    loss = sscl_loss(z1, z2, temperature=temperature, beta=beta, tau_plus=tau_plus, n_hard=16, n_synthetic=8)
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+
+
+@pytest.mark.parametrize("temperature,beta", [(0.05, 10.0), (0.5, 1.0), (1.0, 0.0)])
+def test_stable_under_bf16_autocast(temperature, beta):
+    z1, z2 = views(32, d=16, seed=23, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sscl_loss(z1, z2, temperature=temperature, beta=beta, tau_plus=0.1, n_hard=8, n_synthetic=8,
+                         generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(g1).all() and torch.isfinite(g2).all()
+    exact = sscl_loss(z1.double(), z2.double(), temperature=temperature, beta=beta, tau_plus=0.1, n_hard=8,
+                      n_synthetic=8, generator=torch.Generator().manual_seed(0))
+    assert abs(loss.item() - exact.item()) / exact.item() < 0.05  # bf16 matmul, otherwise float32
+
+
+def test_get_loss_registry():
+    z1, z2 = views(4)
+    fn = get_loss("dcl", temperature=0.5, beta=3.0, tau_plus=0.1, n_hard=2, n_synthetic=0, mode="mix")
+    torch.testing.assert_close(fn(z1, z2), dcl_loss(z1, z2, temperature=0.5, tau_plus=0.1), **TOL)
+    with pytest.raises(ValueError, match="simclr, dcl, hcl, sscl"):
+        get_loss("moco", temperature=0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,z_shapes,match",
+    [
+        ({}, ((4, 8), (5, 8)), "z1 and z2"),
+        ({}, ((8,), (8,)), "z1"),
+        ({}, ((1, 8), (1, 8)), "B >= 2"),
+        ({"temperature": 0.0}, None, "temperature"),
+        ({"temperature": -1.0}, None, "temperature"),
+        ({"tau_plus": 1.0}, None, "tau_plus"),
+        ({"tau_plus": -0.1}, None, "tau_plus"),
+        ({"beta": -0.5}, None, "beta"),
+        ({"n_hard": 7}, None, "n_hard"),
+        ({"n_hard": -1}, None, "n_hard"),
+        ({"n_synthetic": -2}, None, "n_synthetic"),
+        ({"n_hard": 0, "n_synthetic": 2}, None, "n_hard"),
+        ({"mode": "blend"}, None, "mode"),
+        ({"reduction": "sum"}, None, "reduction"),
+        ({"mixing": (torch.zeros(3, 2, dtype=torch.long),) * 3}, None, "mixing"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, z_shapes, match):
+    shapes = z_shapes or ((4, 8), (4, 8))
+    z1, z2 = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=2, n_synthetic=2, mode="mix") | kwargs
+    with pytest.raises(ValueError, match=match):
+        sscl_loss(z1, z2, **hyper)
