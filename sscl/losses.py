@@ -72,22 +72,22 @@ class _Layout:
     Attributes:
         rows: (A,) global row index of each local anchor (A = 2 * local B).
         pos: (A,) global row index of each anchor's positive.
-        neg_mask: (A, 2B) bool, True at the 2B - 2 real negatives of each anchor.
-        self_mask: (A, 2B) bool, True at each anchor's own column.
+        neg_bias: (A, 2B) float, 0 at the 2B - 2 real negatives of each anchor and -inf elsewhere.
+        self_bias: (A, 2B) float, -inf at each anchor's own column and 0 elsewhere.
         n_rows: 2B, the number of rows of the global stacked batch.
         distributed: whether the embeddings were gathered from more than one rank.
     """
 
     rows: torch.Tensor
     pos: torch.Tensor
-    neg_mask: torch.Tensor
-    self_mask: torch.Tensor
+    neg_bias: torch.Tensor
+    self_bias: torch.Tensor
     n_rows: int
     distributed: bool
 
 
 @functools.lru_cache(maxsize=32)
-def _layout(local_b: int, world: int, rank: int, device: torch.device) -> _Layout:
+def _layout(local_b: int, world: int, rank: int, device: torch.device, dtype: torch.dtype) -> _Layout:
     # Built once per (batch size, rank, device): the training loop calls the loss with the same
     # shapes every step, so masks and indices are reused instead of rebuilt.
     global_b = local_b * world
@@ -97,7 +97,11 @@ def _layout(local_b: int, world: int, rank: int, device: torch.device) -> _Layou
     cols = torch.arange(2 * global_b, device=device)  # (2B,)
     self_mask = cols[None, :] == rows[:, None]  # (A, 2B)
     neg_mask = ~self_mask & (cols[None, :] != pos[:, None])  # (A, 2B)
-    return _Layout(rows, pos, neg_mask, self_mask, 2 * global_b, world > 1)
+    # Additive 0/-inf masks: adding one is ~10x cheaper on CPU than masked_fill with a bool mask.
+    zeros = torch.zeros(neg_mask.shape, dtype=dtype, device=device)
+    neg_bias = zeros.masked_fill(~neg_mask, -math.inf)
+    self_bias = zeros.masked_fill(self_mask, -math.inf)
+    return _Layout(rows, pos, neg_bias, self_bias, 2 * global_b, world > 1)
 
 
 def _world() -> tuple[int, int]:
@@ -115,27 +119,89 @@ def _stack(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
         z1 = torch.cat(all_gather(z1.contiguous()))
         z2 = torch.cat(all_gather(z2.contiguous()))
     z = torch.cat([z1, z2])  # (2B, D), global
-    return z, _layout(z1.shape[0] // world, world, rank, z.device)
-
-
-def _similarities(z: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities of the local anchors to every row, computed with one matmul.
-
-    Returns:
-        s: (A, 2B) similarities with gradient into both the anchor and the other row.
-        s_anchor: (A, 2B) the same values with gradient into the anchor only, used for the
-            synthetic negatives, which are detached by definition.
-    """
     compute_dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 autocast -> float32
+    return z, _layout(z1.shape[0] // world, world, rank, z.device, compute_dtype)
+
+
+@dataclass(frozen=True)
+class _Similarities:
+    """Detached similarity values of the local anchors, computed once per step.
+
+    Attributes:
+        z_anchor: (A, D) the local anchors' rows of Z (the autograd inputs, with ``z``).
+        z: (2B, D) global stacked views.
+        sim: (A, 2B) ``<Z_a, Z_j>`` values, no gradient.
+        neg: (A, 2B) ``sim`` with everything but the real negatives at -inf.
+    """
+
+    z_anchor: torch.Tensor
+    z: torch.Tensor
+    sim: torch.Tensor
+    neg: torch.Tensor
+
+
+def _similarities(z: torch.Tensor, layout: _Layout) -> _Similarities:
     z_anchor = z[layout.rows] if layout.distributed else z
-    s_anchor = (z_anchor @ z.detach().T).to(compute_dtype)  # (A, 2B), grad -> anchors only
-    if layout.distributed:
-        s_other = (z_anchor.detach() @ z.T).to(compute_dtype)  # grad -> other rows only
-    else:
-        s_other = s_anchor.T  # Z is square-symmetric: the transpose carries grad to the columns
-    # Value of s_anchor, gradient of both halves: no second forward matmul in one process.
-    s = s_anchor + s_other - s_anchor.detach()
-    return s, s_anchor
+    with torch.no_grad():
+        sim = (z_anchor @ z.T).to(layout.neg_bias.dtype)  # (A, 2B); the gradient is attached below
+        neg = sim + layout.neg_bias
+    return _Similarities(z_anchor, z, sim, neg)
+
+
+class _NegativeTerms(torch.autograd.Function):
+    """The (A, 2B)-sized part of the loss, with a hand-written backward.
+
+    Returns, per anchor, ``s_pos / t``, ``log sum_v exp((1 + beta) s_v / t)`` and
+    ``log sum_v exp(beta s_v / t)`` over ``V_a`` = the real negatives plus the synthetic ones. A
+    synthetic similarity is ``sum_g weights[a, g, k] * sim[a, cols[a, g, k]]`` (its parents are
+    detached, so its gradient reaches only the anchor). Autograd through the same steps would
+    recompute every exp in the backward and add a transposed (2B, 2B) copy; here the forward's exps
+    are reused and the matmuls are the three of a plain ``Z @ Z.T``.
+    """
+
+    @staticmethod
+    def forward(ctx, z_anchor, z, sim, neg, pos, cols, weights, temperature, beta):  # noqa: D102
+        inv_t = 1.0 / temperature
+        syn = (weights * sim.gather(1, cols.flatten(1)).view_as(weights)).sum(dim=1)  # (A, K)
+        shift = neg.amax(dim=1, keepdim=True)  # (A, 1), keeps every exponent <= 0
+        if syn.shape[1]:
+            shift = torch.maximum(shift, syn.amax(dim=1, keepdim=True))
+        d = (neg - shift).mul_(inv_t)  # (A, 2B), -inf off the negatives
+        d_syn = (syn - shift).mul_(inv_t)  # (A, K)
+        e_w, e_w_syn = torch.exp(d * (1.0 + beta)), torch.exp(d_syn * (1.0 + beta))  # w * e / row const
+        sum_we = e_w.sum(dim=1) + e_w_syn.sum(dim=1)  # >= 1: the shift's own term is exp(0)
+        lse_we = torch.log(sum_we) + shift.squeeze(1) * ((1.0 + beta) * inv_t)
+        n_neg = neg.shape[1] - 2 + syn.shape[1]
+        if beta:
+            w, w_syn = d.mul_(beta).exp_(), d_syn.mul_(beta).exp_()  # reuse d's storage
+            sum_w = w.sum(dim=1) + w_syn.sum(dim=1)
+            lse_w = torch.log(sum_w) + shift.squeeze(1) * (beta * inv_t)
+        else:
+            w = w_syn = sum_w = torch.empty(0, device=sim.device)
+            lse_w = torch.full_like(lse_we, math.log(n_neg))  # N unit weights
+        log_pos = sim.gather(1, pos[:, None]).squeeze(1) * inv_t
+        ctx.save_for_backward(z_anchor, z, e_w, e_w_syn, sum_we, w, w_syn, sum_w, pos, cols, weights)
+        ctx.temperature, ctx.beta = temperature, beta
+        return log_pos, lse_we, lse_w
+
+    @staticmethod
+    def backward(ctx, grad_pos, grad_we, grad_w):  # noqa: D102
+        z_anchor, z, e_w, e_w_syn, sum_we, w, w_syn, sum_w, pos, cols, weights = ctx.saved_tensors
+        t, beta = ctx.temperature, ctx.beta
+        # d lse / d s_v = scale / t * (the forward's softmax over v).
+        c_we = (grad_we * ((1.0 + beta) / t) / sum_we)[:, None]  # (A, 1)
+        grad = e_w * c_we  # (A, 2B)
+        grad_syn = e_w_syn * c_we  # (A, K)
+        if beta:
+            c_w = (grad_w * (beta / t) / sum_w)[:, None]
+            grad.addcmul_(w, c_w)
+            grad_syn.addcmul_(w_syn, c_w)
+        grad.scatter_add_(1, pos[:, None], (grad_pos / t)[:, None])
+        grad_z = grad.T.to(z.dtype) @ z_anchor  # (2B, D): the anchors' partners
+        if grad_syn.shape[1]:  # detached parents: the synthetic terms reach the anchor only
+            grad.scatter_add_(1, cols.flatten(1), (weights * grad_syn[:, None, :]).flatten(1))
+        grad_anchor = grad.to(z.dtype) @ z  # (A, D)
+        return grad_anchor, grad_z, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -205,49 +271,40 @@ def nt_xent(
     _check_hyper(temperature, 0.0, 0.0, reduction)
     z, layout = _stack(z1, z2)
     z_anchor = z[layout.rows] if layout.distributed else z
-    compute_dtype = torch.promote_types(z.dtype, torch.float32)
-    logits = (z_anchor @ z.T).to(compute_dtype) / temperature  # (A, 2B)
-    logits = logits.masked_fill(layout.self_mask, -math.inf)
+    logits = (z_anchor @ z.T).to(layout.self_bias.dtype) / temperature + layout.self_bias  # (A, 2B)
     return F.cross_entropy(logits, layout.pos, reduction=reduction)
 
 
 def _debiased_hard_loss(
-    s: torch.Tensor,
-    synthetic: torch.Tensor | None,
+    sims: _Similarities,
     layout: _Layout,
     *,
     temperature: float,
     beta: float,
     tau_plus: float,
+    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-anchor ``-log(pos / (pos + Ng))`` of ``method.md`` step 3, in log space.
 
     Args:
-        s: (A, 2B) similarities of the local anchors to every row of Z.
-        synthetic: (A, K) similarities to the synthetic negatives, or None for K = 0.
+        sims: similarity values of the local anchors.
         layout: where the anchors, positives and real negatives are.
+        synthetic: ``(cols, weights)``, each (A, G, K): synthetic negative k of anchor a has
+            similarity ``sum_g weights[a, g, k] * sim[a, cols[a, g, k]]``; None for K = 0.
 
     Returns:
         (A,) per-anchor loss.
     """
-    n_syn = 0 if synthetic is None else synthetic.shape[1]
-    n_neg = layout.n_rows - 2 + n_syn  # N
-    logits = s / temperature  # (A, 2B)
-    log_pos = logits.gather(1, layout.pos[:, None]).squeeze(1)  # (A,)
-    neg = logits.masked_fill(~layout.neg_mask, -math.inf)  # (A, 2B), real negatives only
-    syn = None if synthetic is None else synthetic / temperature  # (A, K)
-
-    def lse(scale: float) -> torch.Tensor:
-        # log sum_v exp(scale * s_v / t) over real and synthetic negatives.
-        out = torch.logsumexp(neg * scale, dim=1)
-        if syn is not None:
-            out = torch.logaddexp(out, torch.logsumexp(syn * scale, dim=1))
-        return out
-
-    # log R = log N + log sum(w e) - log sum(w), w = exp(beta s / t); beta = 0 gives sum(w) = N.
-    log_r = lse(1.0 + beta)
-    if beta != 0:
-        log_r = log_r + math.log(n_neg) - lse(beta)
+    if synthetic is None:
+        empty = torch.empty((layout.rows.numel(), 1, 0), device=sims.sim.device)
+        synthetic = (empty.long(), empty.to(sims.sim.dtype))
+    cols, weights = synthetic
+    log_pos, log_we, log_w = _NegativeTerms.apply(
+        sims.z_anchor, sims.z, sims.sim, sims.neg, layout.pos, cols, weights, temperature, beta
+    )
+    n_neg = layout.n_rows - 2 + cols.shape[2]  # N
+    # log R = log N + log sum(w e) - log sum(w), w = exp(beta s / t).
+    log_r = math.log(n_neg) + log_we - log_w
     # log Ng = max(log(R - tau N pos) - log(1 - tau), log N - 1/t), with R - tau N pos > 0 guarded.
     log_floor = math.log(n_neg) - 1.0 / temperature
     if tau_plus > 0:
@@ -312,27 +369,39 @@ def hcl_loss(
     _check_views(z1, z2)
     _check_hyper(temperature, beta, tau_plus, reduction)
     z, layout = _stack(z1, z2)
-    s, _ = _similarities(z, layout)
-    per_anchor = _debiased_hard_loss(s, None, layout, temperature=temperature, beta=beta, tau_plus=tau_plus)
+    sims = _similarities(z, layout)
+    per_anchor = _debiased_hard_loss(sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus)
     return _reduce(per_anchor, reduction)
 
 
-def _hard_pool(s_anchor: torch.Tensor, layout: _Layout, n_hard: int) -> torch.Tensor:
+def _hard_pool(sims: _Similarities, n_hard: int) -> torch.Tensor:
     """(A, n_hard) global row indices of each anchor's most similar real negatives (detached)."""
-    ranked = s_anchor.detach().masked_fill(~layout.neg_mask, -math.inf)
-    return ranked.topk(n_hard, dim=1).indices
+    return sims.neg.topk(n_hard, dim=1, sorted=False).indices
+
+
+_DRAW_BITS = 21  # bits per field of one 63-bit draw: j1, j2 and alpha
 
 
 def _draw_from_pool(
     pool: torch.Tensor, n_synthetic: int, generator: torch.Generator | None, dtype: torch.dtype
 ) -> Mixing:
-    """Uniform draws with replacement from each anchor's pool, and ``alpha ~ U[0, 1)``."""
+    """Uniform draws with replacement from each anchor's pool, and ``alpha ~ U[0, 1)``.
+
+    One 63-bit random integer per synthetic negative supplies all three values (21 bits each):
+    a third of the generator calls of three separate draws, which dominate at large K on CPU. A
+    pool index is ``floor(r * n_hard / 2^21)``: uniform up to a relative bias below
+    ``n_hard / 2^21``; alpha has a resolution of ``2^-21``.
+    """
     n_anchors, n_hard = pool.shape
     draw_device = generator.device if generator is not None else pool.device
-    pick = torch.randint(n_hard, (2, n_anchors, n_synthetic), generator=generator, device=draw_device)
-    alpha = torch.rand((n_anchors, n_synthetic), generator=generator, device=draw_device, dtype=dtype)
-    pick, alpha = pick.to(pool.device), alpha.to(pool.device)
-    return Mixing(pool.gather(1, pick[0]), pool.gather(1, pick[1]), alpha)
+    bits = torch.empty((n_anchors, 1, n_synthetic), dtype=torch.int64, device=draw_device)
+    bits = bits.random_(generator=generator).to(pool.device)  # uniform on [0, 2^63)
+    shifts = torch.tensor([0, _DRAW_BITS, 2 * _DRAW_BITS], device=pool.device)[None, :, None]
+    fields = (bits >> shifts) & ((1 << _DRAW_BITS) - 1)  # (A, 3, K)
+    picks = (fields[:, :2] * n_hard) >> _DRAW_BITS  # (A, 2, K) positions in the pool
+    parents = pool.gather(1, picks.flatten(1)).view_as(picks)  # (A, 2, K)
+    alpha = fields[:, 2].to(dtype) * 2.0**-_DRAW_BITS
+    return Mixing(parents[:, 0], parents[:, 1], alpha)
 
 
 def draw_mixing(
@@ -362,35 +431,35 @@ def draw_mixing(
     with torch.no_grad():
         z, layout = _stack(z1.detach(), z2.detach())
         _check_synthetic(n_hard, n_synthetic, "mix", layout.n_rows)
-        _, s_anchor = _similarities(z, layout)
-        pool = _hard_pool(s_anchor, layout, n_hard)
-        return _draw_from_pool(pool, n_synthetic, generator, s_anchor.dtype)
+        sims = _similarities(z, layout)
+        return _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
 
 
-def _synthetic_similarities(
-    z: torch.Tensor, s_anchor: torch.Tensor, layout: _Layout, mixing: Mixing, mode: Mode
-) -> torch.Tensor:
-    """(A, K) similarities ``<Z_a, h>`` to the detached synthetic negatives, without any (A, K, D).
+def _synthetic_terms(
+    sims: _Similarities, layout: _Layout, mixing: Mixing, mode: Mode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expresses ``<Z_a, h>`` for every synthetic negative through entries of the similarity matrix.
 
     For unit rows, ``||alpha x + (1 - alpha) y||^2 = alpha^2 + (1 - alpha)^2 + 2 alpha (1 - alpha)
-    <x, y>``, so ``<Z_a, h>`` is a combination of entries of the similarity matrix.
+    <x, y>``, so ``<Z_a, h> = (alpha s(a, j1) + (1 - alpha) s(a, j2)) / ||.||``: no (A, K, D) tensor.
+
+    Returns:
+        cols, weights: each (A, G, K), G = 1 for copy and 2 for mix.
     """
     j1, j2, alpha = mixing
-    s1 = s_anchor.gather(1, j1)  # (A, K), gradient into the anchor only
     if mode == "copy":
-        return s1
-    alpha = alpha.to(s_anchor.dtype)
-    s2 = s_anchor.gather(1, j2)
+        return j1[:, None, :], torch.ones_like(j1[:, None, :], dtype=sims.sim.dtype)
+    alpha = alpha.to(sims.sim.dtype)
     with torch.no_grad():
         if layout.distributed:
             # Parents may live on other ranks: their mutual similarity needs the full (2B, 2B).
-            parents = (z @ z.T).to(s_anchor.dtype)
-            s12 = parents[j1, j2]
+            s12 = (sims.z @ sims.z.T).to(sims.sim.dtype)[j1, j2]
         else:
-            s12 = s_anchor.detach()[j1, j2]  # s_anchor holds every row here
-        beta_ = 1.0 - alpha
-        norm = torch.sqrt((alpha * alpha + beta_ * beta_ + 2.0 * alpha * beta_ * s12).clamp_min(1e-12))
-    return (alpha * s1 + (1.0 - alpha) * s2) / norm
+            flat = (j1 * sims.sim.shape[1]).add_(j2)  # every row is an anchor here
+            s12 = sims.sim.view(-1).gather(0, flat.view(-1)).view_as(j1)
+        one_minus = 1.0 - alpha
+        norm = torch.sqrt((alpha * alpha + one_minus * one_minus + 2.0 * alpha * one_minus * s12).clamp_min(1e-12))
+    return torch.stack([j1, j2], dim=1), torch.stack([alpha / norm, one_minus / norm], dim=1)
 
 
 def _check_mixing(mixing: Mixing, n_anchors: int, n_synthetic: int, n_rows: int) -> Mixing:
@@ -454,18 +523,20 @@ def sscl_loss(
     n_rows = 2 * z1.shape[0] * world
     _check_synthetic(n_hard, n_synthetic, mode, n_rows)
     z, layout = _stack(z1, z2)
-    s, s_anchor = _similarities(z, layout)
+    sims = _similarities(z, layout)
     synthetic = None
     if n_synthetic > 0:
         if mixing is None:
-            pool = _hard_pool(s_anchor, layout, n_hard)
-            mixing = _draw_from_pool(pool, n_synthetic, generator, s_anchor.dtype)
+            mixing = _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
         else:
             mixing = _check_mixing(Mixing(*mixing), layout.rows.numel(), n_synthetic, n_rows)
+            mixing = Mixing(*(t.to(z.device) for t in mixing))
             if mixing.j1.shape[0] != layout.rows.numel():  # global recipe: keep the local anchors
-                mixing = Mixing(*(t.to(z.device)[layout.rows] for t in mixing))
-        synthetic = _synthetic_similarities(z, s_anchor, layout, mixing, mode)
-    per_anchor = _debiased_hard_loss(s, synthetic, layout, temperature=temperature, beta=beta, tau_plus=tau_plus)
+                mixing = Mixing(*(t[layout.rows] for t in mixing))
+        synthetic = _synthetic_terms(sims, layout, mixing, mode)
+    per_anchor = _debiased_hard_loss(
+        sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus, synthetic=synthetic
+    )
     return _reduce(per_anchor, reduction)
 
 
