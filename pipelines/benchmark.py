@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 3, sync: Callable[[], None] = lambda: None) -> float:
+def _median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
     for _ in range(warmup):
         fn()
     sync()
@@ -86,12 +86,134 @@ def bench_loss(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> list[
     return rows
 
 
+# --------------------------------------------------------------------------- augment
+
+
+class _PerImageTwoViews(torch.utils.data.Dataset):
+    """The baseline: torchvision.transforms.v2 applied per image, twice, in DataLoader workers."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.transform(self.images[i])
+
+
+def _torchvision_two_view_transform(crop_size: int, blur_p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    from sscl.data.augment import CIFAR10_MEAN, CIFAR10_STD
+
+    steps = [
+        v2.RandomResizedCrop(crop_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if blur_p:
+        steps.append(v2.RandomApply([v2.GaussianBlur(max(3, int(0.1 * crop_size) // 2 * 2 + 1))], p=blur_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    return v2.Compose(steps)
+
+
+AUGMENT_SETTINGS = [("cifar 32px", 32, 32, 0.0), ("stl10 96px + blur", 96, 96, 0.5)]
+
+
+def bench_augment(device: str = "cpu", n_images: int = 4096, batch_size: int = 512) -> list[dict[str, float]]:
+    """Two-view images per second: batched ``TwoViewAugment`` vs per-image torchvision v2."""
+    from sscl.data.augment import TwoViewAugment
+
+    rows = []
+    print(f"two-view augmentation, {n_images} images; batched on {device} with {torch.get_num_threads()} threads "
+          "vs per-image torchvision v2 in a 2-worker DataLoader")
+    print(f"{'setting':<20} {'batched img/s':>14} {'per-image img/s':>16} {'ratio':>7}")
+    for name, size, crop, blur_p in AUGMENT_SETTINGS:
+        gen = torch.Generator().manual_seed(0)
+        images_hwc = torch.randint(0, 256, (n_images, size, size, 3), dtype=torch.uint8, generator=gen)
+        augment = TwoViewAugment(crop_size=crop, blur_p=blur_p, seed=0)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        on_device = images_hwc.to(device)
+
+        def batched() -> None:
+            for start in range(0, n_images, batch_size):
+                augment.views(on_device[start : start + batch_size])
+
+        loader = torch.utils.data.DataLoader(
+            _PerImageTwoViews(images_hwc.permute(0, 3, 1, 2).contiguous(), _torchvision_two_view_transform(crop, blur_p)),
+            batch_size=256, num_workers=2, persistent_workers=True,
+        )
+
+        def per_image() -> None:
+            for _ in loader:
+                pass
+
+        t = _interleaved({"batched": batched, "per_image": per_image}, rounds=2, repeats=1, sync=sync)
+        row = dict(batched=n_images / t["batched"], per_image=n_images / t["per_image"])
+        row["ratio"] = row["batched"] / row["per_image"]
+        rows.append(row)
+        print(f"{name:<20} {row['batched']:>14.0f} {row['per_image']:>16.0f} {row['ratio']:>7.1f}x")
+        del loader
+    return rows
+
+
+# --------------------------------------------------------------------------- train
+
+
+def bench_train(
+    device: str = "cpu", batch_size: int | None = None, width: float | None = None, steps: int | None = None, amp: bool | None = None
+) -> dict[str, float]:
+    """Images per second of an SSCL training step vs a SimCLR step: ResNet-18 (CIFAR stem), same batch.
+
+    Both steps include the forward and backward through the encoder, the loss and the optimiser.
+    CPU defaults keep it to about a minute on 2 cores; CUDA defaults use the released settings.
+    """
+    from sscl.losses import get_loss
+    from sscl.models import build_model
+    from sscl.train import build_optimizer, train_one_epoch
+
+    cuda = device.startswith("cuda")
+    batch_size = batch_size or (256 if cuda else 32)
+    width = width or (1.0 if cuda else 0.5)
+    steps = steps or (20 if cuda else 3)
+    amp = cuda if amp is None else amp
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    views = torch.randn(2, batch_size, 3, 32, 32, generator=gen).to(device)
+    batches = [{"view1": views[0], "view2": views[1]}] * steps
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=min(32, 2 * batch_size - 2), n_synthetic=8, mode="mix")
+    runners = {}
+    for name in ("simclr", "sscl"):
+        torch.manual_seed(0)
+        model = build_model("resnet18", stem="cifar", width=width).to(device)
+        optimizer = build_optimizer(model, "sgd", lr=0.1)
+        loss_fn = get_loss(name, **hyper)
+
+        def run(model=model, optimizer=optimizer, loss_fn=loss_fn) -> None:
+            train_one_epoch(model, batches, loss_fn, optimizer, lr_schedule=lambda s: 0.1, device=device, amp=amp)
+
+        runners[name] = run
+    t = _interleaved(runners, rounds=3, repeats=1, sync=sync)
+    row = {k: batch_size * steps / v for k, v in t.items()}
+    row["ratio"] = t["sscl"] / t["simclr"]
+    dev = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"training step, ResNet-18 width {width} CIFAR stem, batch {batch_size}, {steps} steps, amp={amp}, on {dev}")
+    print(f"{'SimCLR img/s':>13} {'SSCL img/s':>11} {'SSCL/SimCLR time':>17}")
+    print(f"{row['simclr']:>13.1f} {row['sscl']:>11.1f} {row['ratio']:>17.3f}")
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["loss", "augment", "train"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=None, help="train: batch size (cpu 32, cuda 256)")
+    parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
+    parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "loss":
@@ -99,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.what == "augment":
         bench_augment(args.device)
     else:
-        bench_train(args.device)
+        bench_train(args.device, batch_size=args.batch_size, width=args.width, steps=args.steps)
 
 
 if __name__ == "__main__":
