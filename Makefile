@@ -18,7 +18,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m pipelines.pretrain --config pipelines/configs/quickstart.yaml
+	$(PY) -m pipelines.train_local --epochs 10
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -201,7 +201,7 @@ def train_one_epoch(
         steps += 1
         images += view1.shape[0]
         if on_step is not None:
-            on_step(steps, float(loss))
+            on_step(steps, loss.detach().item())
     if steps == 0:
         raise ValueError("the epoch had no batches: the dataset is empty or smaller than one batch")
     elapsed = time.perf_counter() - start

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "TwoViewAugment"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "TwoViewAugment", "normalize_images"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma with torchvision's rounding
 _CROP_ATTEMPTS = 10
 
 
@@ -302,3 +302,16 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> None:
 
 
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+def normalize_images(
+    images: torch.Tensor | np.ndarray, *, mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD
+) -> torch.Tensor:
+    """The evaluation transform: uint8 (N, H, W, C) -> float32 (N, 3, H, W), normalised, no augmentation."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
