@@ -1,0 +1,58 @@
+"""The ``sscl`` console script: one entry point, a subcommand per pipeline.
+
+    sscl train-local --epochs 5          # == python -m pipelines.train_local
+    sscl benchmark loss                  # == python -m pipelines.benchmark
+    sscl config --config pipelines/configs/quickstart.yaml loss.temperature=0.2
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+def _train_local(argv: Sequence[str]) -> None:
+    from pipelines import train_local
+
+    train_local.main(train_local.parse(argv))
+
+
+def _benchmark(argv: Sequence[str]) -> None:
+    from pipelines import benchmark
+
+    benchmark.main(argv)
+
+
+def _config(argv: Sequence[str]) -> None:
+    from pipelines.config_cli import parse_config
+
+    import yaml
+
+    from sscl.config import to_dict
+
+    print(yaml.safe_dump(to_dict(parse_config(argv, prog="sscl config")), sort_keys=False), end="")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "train-local": _train_local,
+    "benchmark": _benchmark,
+    "config": _config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Dispatches ``sscl <command> ...``; user errors exit with status 2 and a message."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared command-line handling of ``--config PRESET key=value ...`` for the pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import yaml
+
+from sscl.config import Config, ConfigError, describe_keys, load_config, to_dict
+
+
+def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = "") -> Config:
+    """Parses ``--config``, ``--print-config`` and dotted overrides into a validated ``Config``.
+
+    User errors (unknown keys, wrong types, out-of-range values, a missing preset) print every
+    problem and exit with status 2, before any work starts. ``--print-config`` prints the resolved
+    config and exits 0.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration keys (override with section.key=value):\n" + describe_keys(),
+    )
+    parser.add_argument("--config", help="YAML preset, e.g. pipelines/configs/quickstart.yaml")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,346 @@
+"""The pretraining configuration: one frozen, typed dataclass tree, loaded from a YAML preset and
+overridden by dotted ``key=value`` arguments, validated once, with every problem reported together.
+
+Field names equal the keyword arguments of the functions that consume them (``loss.temperature``
+-> ``sscl_loss(temperature=...)``, ``augment.crop_size`` -> ``TwoViewAugment(crop_size=...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "describe_keys", "flatten", "from_dict", "load_config", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration; ``problems`` holds one message per key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+       lt: float | None = None, choices: Iterable[Any] | None = None) -> Any:
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("digits", "dataset: " + " | ".join(SOURCES), choices=SOURCES)
+    root: str = _f("data", "directory (or URI for parquet/imagefolder) holding the dataset")
+    download: bool = _f(False, "download cifar10/cifar100/stl10 with torchvision when missing (needs internet)")
+    image_column: str = _f("image", "parquet: column of encoded image bytes or arrays")
+    label_column: str = _f("label", "parquet: label column ('' for none)")
+    image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8)
+    test_fraction: float = _f(0.2, "held-out fraction when the source has no test split", gt=0, lt=1)
+    skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
+    batch_size: int = _f(256, "global training batch (split over workers)", ge=2)
+    eval_batch_size: int = _f(512, "batch for feature extraction", ge=1)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    device: str = _f("cpu", "where views are made: cpu (Ray Data actor pool) | gpu (inside the training loop)",
+                     choices=("cpu", "gpu"))
+    num_actors: int = _f(1, "CPU augmentation actors in the Ray Data pool", ge=1)
+    crop_size: int = _f(32, "output side of the random resized crop", ge=8)
+    crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
+    flip_p: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
+    jitter_p: float = _f(0.8, "colour jitter probability", ge=0, le=1)
+    brightness: float = _f(0.4, "brightness jitter strength", ge=0, le=1)
+    contrast: float = _f(0.4, "contrast jitter strength", ge=0, le=1)
+    saturation: float = _f(0.4, "saturation jitter strength", ge=0, le=1)
+    hue: float = _f(0.1, "hue jitter strength", ge=0, le=0.5)
+    grayscale_p: float = _f(0.2, "grayscale probability", ge=0, le=1)
+    blur_p: float = _f(0.0, "Gaussian blur probability (STL-10 recipe: 0.5)", ge=0, le=1)
+    blur_sigma: list[float] = _f([0.1, 2.0], "[min, max] blur sigma in pixels")
+    mean: list[float] = _f([0.4914, 0.4822, 0.4465], "per-channel normalisation mean")
+    std: list[float] = _f([0.2023, 0.1994, 0.2010], "per-channel normalisation std")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = _f("resnet18", "backbone: resnet18 | resnet34 | resnet50", choices=("resnet18", "resnet34", "resnet50"))
+    stem: str = _f("cifar", "cifar (3x3 stride 1, no max-pool) | imagenet", choices=("cifar", "imagenet"))
+    width: float = _f(1.0, "channel width multiplier (0.25 for quick CPU runs)", gt=0, le=4)
+    hidden_dim: int = _f(512, "projection head hidden size", ge=1)
+    out_dim: int = _f(128, "projection size", ge=1)
+    head_batchnorm: bool = _f(False, "BatchNorm in the projection head")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = _f("sscl", "simclr | dcl | hcl | sscl", choices=("simclr", "dcl", "hcl", "sscl"))
+    temperature: float = _f(0.5, "softmax temperature t", gt=0, le=10)
+    beta: float = _f(1.0, "hardness concentration (hcl, sscl)", ge=0, le=50)
+    tau_plus: float = _f(0.1, "class prior for debiasing (dcl, hcl, sscl)", ge=0, lt=1)
+    n_hard: int = _f(32, "hard pool per anchor (sscl), <= 2B - 2", ge=1)
+    n_synthetic: int = _f(8, "synthetic negatives per anchor K (sscl)", ge=0)
+    mode: str = _f("mix", "mix (the paper) | copy (the released code)", choices=("mix", "copy"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _f("sgd", "sgd | lars | adamw", choices=("sgd", "lars", "adamw"))
+    lr: float = _f(0.1, "base learning rate", gt=0, le=100)
+    momentum: float = _f(0.9, "momentum (AdamW: beta1)", ge=0, lt=1)
+    weight_decay: float = _f(1e-4, "weight decay (not on biases and norms)", ge=0, le=1)
+    warmup_epochs: int = _f(10, "linear warm-up epochs before the cosine", ge=0)
+    final_lr: float = _f(0.0, "learning rate at the end of the cosine", ge=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(200, "training epochs", ge=1)
+    checkpoint_every: int = _f(1, "report a checkpoint every N epochs (and always at the end)", ge=1)
+    run_name: str = _f("sscl", "Ray Train run name: rerunning with the same name resumes")
+    storage_path: str = _f("", "checkpoint storage (shared on multi-node: NFS, s3://); '' = ~/ray_results")
+    seed: int = _f(0, "random seed", ge=0)
+    amp: bool = _f(True, "bf16 autocast on GPU")
+    max_failures: int = _f(2, "worker failures restarted from the latest checkpoint", ge=0)
+    knn_k: int = _f(200, "kNN neighbours", ge=1)
+    knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0)
+    linear_epochs: int = _f(100, "linear probe epochs at the end", ge=1)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = _f(1, "Ray Train workers", ge=1)
+    use_gpu: bool = _f(False, "one GPU per worker, NCCL")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractions allowed)", gt=0)
+    sync_batchnorm: bool = _f(False, "convert BatchNorm to SyncBatchNorm across workers")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = _f("", "MLflow tracking URI (env MLFLOW_TRACKING_URI wins; '' = sqlite:///mlflow.db)")
+    experiment: str = _f("sscl", "MLflow experiment")
+    model_name: str = _f("sscl-encoder", "registered model name")
+    register: bool = _f(True, "register the encoder and move the champion alias")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(Config)  # section name -> its dataclass
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, problems: list[str]) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        problems.append(f"{key}: overrides are section.key=value (e.g. loss.temperature=0.2)")
+        return
+    section = tree.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        problems.append(f"{parts[0]}: must be a mapping of keys, got {section!r}")
+        return
+    section[parts[1]] = value
+
+
+def _parse_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
+    if "=" not in text:
+        problems.append(f"{text}: overrides are key=value (e.g. loss.temperature=0.2)")
+        return None
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_type(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """Returns the value coerced to the field's type, or records a problem and returns None."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}={value!r}: must be true or false")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{key}={value!r}: must be an integer")
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        problems.append(f"{key}={value!r}: must be a finite number")
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        problems.append(f"{key}={value!r}: must be a string")
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (list, tuple)):
+            items = [_check_type(f"{key}[{i}]", v, item, problems) for i, v in enumerate(value)]
+            return None if any(v is None for v in items) else items
+        problems.append(f"{key}={value!r}: must be a list")
+    else:  # pragma: no cover - every field uses one of the types above
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    return None
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any], problems: list[str]) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        problems.append(f"{key}={value!r}: must be one of {', '.join(map(str, meta['choices']))}")
+        return
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, symbol, ok in bounds:
+        bound = meta.get(name)
+        if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
+            problems.append(f"{key}={value!r}: must be {symbol} {bound}")
+            return
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: list[str]) -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {name}.{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{name}.{key}: unknown key{hint}")
+            continue
+        coerced = _check_type(f"{name}.{key}", value, hints[key], problems)
+        if coerced is not None:
+            _check_range(f"{name}.{key}", coerced, fields[key].metadata, problems)
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config, problems: list[str]) -> None:
+    """Constraints between fields, checked after each field is valid on its own."""
+    pairs = [("augment.crop_scale", cfg.augment.crop_scale, (0, 1)), ("augment.blur_sigma", cfg.augment.blur_sigma, (0, None))]
+    for key, value, (lo, hi) in pairs:
+        if len(value) != 2 or not (lo < value[0] <= value[1]) or (hi is not None and value[1] > hi):
+            upper = f" <= {hi}" if hi is not None else ""
+            problems.append(f"{key}={value!r}: must be [min, max] with {lo} < min <= max{upper}")
+    for key, value in (("augment.mean", cfg.augment.mean), ("augment.std", cfg.augment.std)):
+        if len(value) != 3:
+            problems.append(f"{key}={value!r}: must have 3 entries (one per channel)")
+    if any(s <= 0 for s in cfg.augment.std):
+        problems.append(f"augment.std={cfg.augment.std!r}: every entry must be > 0")
+    per_worker = cfg.data.batch_size // cfg.scaling.num_workers
+    if cfg.data.batch_size % cfg.scaling.num_workers:
+        problems.append(f"data.batch_size={cfg.data.batch_size}: must be divisible by scaling.num_workers="
+                        f"{cfg.scaling.num_workers}")
+    elif per_worker < 1:
+        problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= scaling.num_workers")
+    if cfg.loss.name == "sscl" and cfg.loss.n_synthetic > 0 and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
+        problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
+    if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
+        problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
+    if cfg.data.source in ("imagefolder", "parquet") and not cfg.data.root:
+        problems.append(f"data.root='': the {cfg.data.source} source needs a path")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Loads a YAML preset (or the defaults), applies ``section.key=value`` overrides, validates.
+
+    Args:
+        path: YAML file with sections as top-level keys; None for the defaults.
+        overrides: e.g. ``["loss.temperature=0.2", "scaling.num_workers=2"]``; values are YAML.
+
+    Returns:
+        The frozen ``Config``.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value.
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
+        tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    for text in overrides:
+        parsed = _parse_override(text, problems)
+        if parsed:
+            _set_dotted(tree, *parsed, problems)
+    sections = _sections()
+    built = {}
+    for name, values in tree.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, sections, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(sections)}"
+            problems.append(f"{name}: unknown section{hint}")
+        elif not isinstance(values, dict):
+            problems.append(f"{name}: must be a mapping of keys, got {values!r}")
+        else:
+            built[name] = _build_section(name, sections[name], values, problems)
+    cfg = Config(**built)
+    if not problems:
+        _cross_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (for YAML, Ray and MLflow)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """Rebuilds a ``Config`` from ``to_dict`` output (e.g. inside a Ray worker)."""
+    sections = _sections()
+    return Config(**{name: sections[name](**values) for name, values in tree.items()})
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"loss.temperature": 0.5, ...}`` (MLflow params)."""
+    return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
+
+
+def describe_keys() -> str:
+    """One line per key: dotted name, default and help (for ``--help``)."""
+    lines = []
+    for name, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+

@@ -1,0 +1,123 @@
+"""The config tree: presets, overrides, round trips, and malformed configs that name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sscl.config import Config, ConfigError, describe_keys, flatten, from_dict, load_config, to_dict
+
+PRESETS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+
+
+def test_every_required_preset_exists_and_loads():
+    names = {p.stem for p in PRESETS}
+    assert {"quickstart", "cifar10", "cifar100", "stl10", "imagefolder", "reproduce_released"} <= names
+    for path in PRESETS:
+        assert isinstance(load_config(path), Config)
+
+
+def test_reproduce_preset_has_the_released_settings():
+    cfg = load_config(Path(PRESETS[0]).parent / "reproduce_released.yaml")
+    assert (cfg.model.encoder, cfg.model.stem, cfg.model.hidden_dim, cfg.model.out_dim) == ("resnet18", "cifar", 512, 128)
+    assert (cfg.data.batch_size, cfg.train.epochs, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        256, 200, 0.1, 0.9, 1e-4)
+    assert cfg.optim.warmup_epochs == 20
+    assert (cfg.loss.temperature, cfg.loss.beta, cfg.loss.n_hard, cfg.loss.n_synthetic, cfg.loss.mode) == (
+        0.5, 1.0, 32, 8, "copy")
+
+
+def test_overrides_apply_over_the_preset_with_yaml_values(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("loss: {temperature: 0.5}\naugment: {crop_scale: [0.2, 1.0]}\n")
+    cfg = load_config(preset, ["loss.temperature=0.2", "augment.crop_scale=[0.3, 0.9]", "scaling.use_gpu=true",
+                               "loss.beta=2"])
+    assert cfg.loss.temperature == 0.2 and cfg.augment.crop_scale == [0.3, 0.9] and cfg.scaling.use_gpu is True
+    assert cfg.loss.beta == 2.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.model == Config().model  # untouched sections keep their defaults
+
+
+def test_round_trip_and_flatten():
+    cfg = load_config(None, ["loss.name=hcl", "train.epochs=3", "optim.warmup_epochs=1"])
+    assert from_dict(to_dict(cfg)) == cfg
+    flat = flatten(cfg)
+    assert flat["loss.name"] == "hcl" and flat["train.epochs"] == 3 and "tracking.uri" in flat
+    with pytest.raises(Exception):
+        cfg.loss.temperature = 1.0  # frozen
+
+
+def test_help_lists_every_key():
+    text = describe_keys()
+    for key in flatten(Config()):
+        assert key in text
+
+
+MALFORMED = [
+    ("loss.temprature=0.2", "loss.temprature", "did you mean loss.temperature"),
+    ("loss.temperature=0", "loss.temperature", "> 0"),
+    ("loss.temperature=abc", "loss.temperature", "number"),
+    ("loss.tau_plus=1.0", "loss.tau_plus", "< 1"),
+    ("loss.beta=-0.5", "loss.beta", ">= 0"),
+    ("loss.n_synthetic=-1", "loss.n_synthetic", ">= 0"),
+    ("loss.n_hard=0", "loss.n_hard", ">= 1"),
+    ("loss.mode=blend", "loss.mode", "mix, copy"),
+    ("loss.name=moco", "loss.name", "simclr, dcl, hcl, sscl"),
+    ("model.encoder=vit", "model.encoder", "resnet18"),
+    ("model.width=0", "model.width", "> 0"),
+    ("model.stem=tiny", "model.stem", "cifar, imagenet"),
+    ("data.source=mnist", "data.source", "digits"),
+    ("data.batch_size=1", "data.batch_size", ">= 2"),
+    ("data.batch_size=12.5", "data.batch_size", "integer"),
+    ("optim.name=rmsprop", "optim.name", "sgd, lars, adamw"),
+    ("optim.lr=-1", "optim.lr", "> 0"),
+    ("optim.momentum=1", "optim.momentum", "< 1"),
+    ("train.epochs=0", "train.epochs", ">= 1"),
+    ("train.amp=yes please", "train.amp", "true or false"),
+    ("scaling.num_workers=0", "scaling.num_workers", ">= 1"),
+    ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker", "> 0"),
+    ("augment.flip_p=1.5", "augment.flip_p", "<= 1"),
+    ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale", "min <= max"),
+    ("augment.std=[0.2, 0.0, 0.2]", "augment.std", "> 0"),
+    ("augment.mean=[0.5]", "augment.mean", "3 entries"),
+    ("augment.device=tpu", "augment.device", "cpu, gpu"),
+    ("lossy.temperature=1", "lossy", "did you mean loss"),
+    ("temperature=1", "temperature", "section.key=value"),
+    ("loss.temperature", "loss.temperature", "key=value"),
+]
+
+
+@pytest.mark.parametrize("override,key,hint", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_config_names_the_key(override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.warmup_epochs=1", "train.epochs=5", override])
+    message = str(err.value)
+    assert key in message and hint in message
+
+
+def test_cross_field_constraints():
+    with pytest.raises(ConfigError, match="divisible by scaling.num_workers"):
+        load_config(None, ["data.batch_size=10", "scaling.num_workers=3"])
+    with pytest.raises(ConfigError, match="loss.n_hard=64: must be <= 2 \\* data.batch_size - 2 = 14"):
+        load_config(None, ["data.batch_size=8", "loss.n_hard=64"])
+    with pytest.raises(ConfigError, match="optim.warmup_epochs"):
+        load_config(None, ["train.epochs=5", "optim.warmup_epochs=5"])
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.temperature=-1", "model.encoder=vit", "train.epochs=0", "nonsense.key=1"])
+    assert len(err.value.problems) == 4
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
