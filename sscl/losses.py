@@ -34,6 +34,7 @@ __all__ = [
     "draw_mixing",
     "get_loss",
     "hcl_loss",
+    "negative_similarities",
     "nt_xent",
     "sscl_loss",
 ]
@@ -571,3 +572,36 @@ def get_loss(name: str, **hyper: object) -> Callable[[torch.Tensor, torch.Tensor
     if missing:
         raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
     return functools.partial(fn, **{k: hyper[k] for k in keys})
+
+
+@torch.no_grad()
+def negative_similarities(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    *,
+    n_hard: int,
+    n_synthetic: int,
+    mode: Mode = "mix",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor-negative cosine similarities, for diagnostics (e.g. a histogram).
+
+    Args:
+        z1: (B, D), L2-normalised. z2: (B, D), L2-normalised.
+        n_hard, n_synthetic, mode, generator: as in :func:`sscl_loss`.
+
+    Returns:
+        real: (A * (2B - 2),) similarities to the real negatives.
+        synthetic: (A * K,) similarities to synthetic negatives drawn as in the loss.
+    """
+    _check_views(z1, z2)
+    z, layout = _stack(z1.detach(), z2.detach())
+    _check_synthetic(n_hard, n_synthetic, mode, layout.n_rows)
+    sims = _similarities(z, layout)
+    real = sims.sim[torch.isfinite(layout.neg_bias)]
+    if n_synthetic == 0:
+        return real, real.new_empty(0)
+    mixing = _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
+    cols, weights = _synthetic_terms(sims, layout, mixing, mode)
+    synthetic = (weights * sims.sim.gather(1, cols.flatten(1)).view_as(weights)).sum(dim=1)
+    return real, synthetic.flatten()

@@ -1,0 +1,339 @@
+"""Distributed SSCL pretraining: Ray Data -> Ray Train (DDP) -> evaluation -> MLflow registry.
+
+    python -m pipelines.pretrain --config pipelines/configs/quickstart.yaml loss.temperature=0.2
+    ray job submit --working-dir . -- python -m pipelines.pretrain --config ... scaling.use_gpu=true
+
+Running the same command again with the same ``train.run_name`` resumes from the latest
+checkpoint (and continues the same MLflow run) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from sscl.config import Config, flatten, from_dict, to_dict
+from sscl.data.augment import TwoViewAugment, normalize_images
+from sscl.data.sources import build_dataset, read_split
+from sscl.evaluate import knn_top1, linear_probe_top1
+from sscl.losses import get_loss, negative_similarities
+from sscl.models import build_model
+from sscl.train import build_optimizer, lr_at, train_one_epoch
+
+RUN_NAME_TAG = "sscl.run_name"
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def augment_kwargs(cfg: Config) -> dict[str, Any]:
+    """``TwoViewAugment`` keywords from the ``augment`` section (same field names)."""
+    a = cfg.augment
+    return dict(crop_size=a.crop_size, crop_scale=tuple(a.crop_scale), flip_p=a.flip_p, jitter_p=a.jitter_p,
+                brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+                grayscale_p=a.grayscale_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), mean=tuple(a.mean),
+                std=tuple(a.std))
+
+
+def model_from_config(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    return build_model(m.encoder, stem=m.stem, width=m.width, hidden_dim=m.hidden_dim, out_dim=m.out_dim,
+                       head_batchnorm=m.head_batchnorm)
+
+
+def loss_from_config(cfg: Config):
+    loss = cfg.loss
+    return get_loss(loss.name, temperature=loss.temperature, beta=loss.beta, tau_plus=loss.tau_plus,
+                    n_hard=loss.n_hard, n_synthetic=loss.n_synthetic, mode=loss.mode)
+
+
+@torch.no_grad()
+def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen features of uint8 (N, H, W, 3) images under the evaluation transform."""
+    encoder.eval()
+    x = normalize_images(images, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
+    if x.shape[-1] != cfg.augment.crop_size:
+        x = torch.nn.functional.interpolate(x, size=cfg.augment.crop_size, mode="bilinear", antialias=True)
+    step = cfg.data.eval_batch_size
+    return torch.cat([encoder(x[i : i + step].to(device)).float().cpu() for i in range(0, len(x), step)])
+
+
+def knn_of(encoder: torch.nn.Module, eval_sets: dict[str, Any], cfg: Config, device="cpu") -> float:
+    train_f = encode(encoder, eval_sets["train"].images, cfg, device)
+    test_f = encode(encoder, eval_sets["test"].images, cfg, device)
+    return knn_top1(train_f, torch.from_numpy(eval_sets["train"].labels), test_f, torch.from_numpy(eval_sets["test"].labels),
+                    k=cfg.train.knn_k, temperature=cfg.train.knn_temperature)
+
+
+# ---------------------------------------------------------------------------- the Ray Train worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: resumes from the latest checkpoint, trains, reports every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = model_from_config(cfg)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+
+    per_worker = cfg.data.batch_size // world
+    steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
+    total_steps = steps_per_epoch * cfg.train.epochs
+
+    def schedule(s: int) -> float:
+        return lr_at(s, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                     total_steps=total_steps, final_lr=cfg.optim.final_lr)
+
+    on_gpu = cfg.augment.device == "gpu"
+    augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if on_gpu else None
+    loss_fn = loss_from_config(cfg)
+    shard = ray.train.get_dataset_shard("train")
+    eval_sets = config["eval_sets"] if rank == 0 else None
+    tracker = _RankZeroTracker(config) if rank == 0 else None
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
+        bar = _progress(rank, epoch, cfg.train.epochs, steps_per_epoch)
+        result = train_one_epoch(
+            model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step, device=device,
+            augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
+            on_step=(lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+        )
+        if bar:
+            bar.close()
+        step = result.next_step
+        metrics: dict[str, float] = {"epoch": epoch + 1}
+        if rank == 0:
+            knn = knn_of(module.encoder, eval_sets, cfg, device)
+            metrics |= {"loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second * world,
+                        "knn_top1": knn}
+            history.append(dict(metrics))
+            tracker.log(metrics, step=epoch + 1)
+            print(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
+                  f"img/s {metrics['images_per_second']:8.1f}  knn_top1 {knn:.4f}", flush=True)
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                "step": step, "history": history}, Path(folder) / STATE_FILE)
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+
+
+def _progress(rank: int, epoch: int, epochs: int, steps: int):
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+
+
+class _RankZeroTracker:
+    """Per-epoch metrics into the driver's MLflow run (rank 0 only)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.run_id = config["mlflow_run_id"]
+        mlflow.set_tracking_uri(config["tracking_uri"])
+        self.client = mlflow.MlflowClient()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+def _mlflow_run(cfg: Config, uri: str) -> str:
+    """The MLflow run of ``train.run_name``: reopened when a previous attempt did not finish."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    client = mlflow.MlflowClient()
+    previous = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}' and attributes.status != 'FINISHED'",
+        max_results=1,
+    )
+    if previous:
+        return previous[0].info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=cfg.train.run_name, tags={RUN_NAME_TAG: cfg.train.run_name})
+    from sscl.tracking import log_params
+
+    with mlflow.start_run(run_id=run.info.run_id):
+        log_params(flatten(cfg))
+        mlflow.log_text(yaml.safe_dump(_redacted(cfg), sort_keys=False), "config.yaml")
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def _redacted(cfg: Config) -> dict[str, Any]:
+    from sscl.tracking import redact_uri
+
+    tree = to_dict(cfg)
+    tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
+    return tree
+
+
+def _init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # A local, in-process cluster. On small machines, more logical CPUs than cores keep the
+        # Train workers and the Ray Data actors from waiting on each other.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+
+
+def _datasets(cfg: Config):
+    import ray.data
+
+    pretrain = build_dataset(cfg.data, "pretrain").select_columns(["image"]).randomize_block_order()
+    if cfg.augment.device == "cpu":
+        # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
+        pretrain = pretrain.map_batches(
+            TwoViewAugment, fn_constructor_kwargs=augment_kwargs(cfg), batch_size=256, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.augment.num_actors),
+        )
+    return pretrain
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Pretrains, evaluates and registers; returns final metrics and the registered version."""
+    import mlflow
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sscl import tracking
+
+    started = time.perf_counter()
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking_server(uri)  # before any compute
+    eval_sets = {"train": read_split(cfg.data, "eval_train"), "test": read_split(cfg.data, "eval_test")}
+    n_pretrain = len(read_split(cfg.data, "pretrain").images) if cfg.data.source != "digits" else len(eval_sets["train"].images)
+    if n_pretrain < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {n_pretrain} pretraining images")
+    run_id = _mlflow_run(cfg, uri)
+    _init_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
+                           "eval_sets": eval_sets, "n_pretrain": n_pretrain},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name, storage_path=cfg.train.storage_path or None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": _datasets(cfg)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    model = model_from_config(cfg)
+    model.load_state_dict(state["model"])
+    return _finish(cfg, model, state["history"], eval_sets, run_id, uri, started)
+
+
+def _finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]], eval_sets: dict[str, Any],
+            run_id: str, uri: str, started: float) -> dict[str, Any]:
+    """Final evaluation, plots, model logging and registration on the driver."""
+    import mlflow
+
+    from sscl import tracking
+
+    train_f = encode(model.encoder, eval_sets["train"].images, cfg)
+    test_f = encode(model.encoder, eval_sets["test"].images, cfg)
+    train_y, test_y = torch.from_numpy(eval_sets["train"].labels), torch.from_numpy(eval_sets["test"].labels)
+    final = {
+        "final_knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=cfg.train.knn_k, temperature=cfg.train.knn_temperature),
+        "linear_top1": linear_probe_top1(train_f, train_y, test_f, test_y, epochs=cfg.train.linear_epochs,
+                                         seed=cfg.train.seed),
+    }
+    # Similarities of the final model on two fresh views of a batch of images.
+    batch = eval_sets["train"].images[: min(256, len(eval_sets["train"].images))]
+    view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(torch.from_numpy(batch))
+    model.eval()
+    with torch.no_grad():
+        z1, z2 = model(view1)[1], model(view2)[1]
+    n_hard = min(cfg.loss.n_hard, 2 * len(batch) - 2)
+    n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
+    real, synthetic = negative_similarities(z1, z2, n_hard=n_hard, n_synthetic=n_syn, mode=cfg.loss.mode)
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(final)
+        mlflow.log_figure(tracking.plot_curves(history), "curves.png")
+        mlflow.log_figure(tracking.plot_similarity_histogram(real.numpy(), synthetic.numpy()), "similarity_histogram.png")
+        info = tracking.log_encoder(model.encoder, image_size=cfg.augment.crop_size,
+                                    model_name=cfg.tracking.model_name if cfg.tracking.register else None)
+    version = getattr(info, "registered_model_version", None)
+    champion = False
+    if version is not None:
+        champion = tracking.promote_if_better(cfg.tracking.model_name, version, knn_top1=final["final_knn_top1"],
+                                              dataset=cfg.data.source)
+    out = {**final, "run_id": run_id, "model_name": cfg.tracking.model_name, "version": version, "champion": champion,
+           "seconds": time.perf_counter() - started, "epochs": len(history)}
+    print(f"registered {cfg.tracking.model_name} version {version}{' (champion)' if champion else ''}: "
+          f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f} "
+          f"(frozen encoder, {cfg.data.source} test split, {len(history)} epochs, {out['seconds']:.0f} s)")
+    print(f"load it: mlflow.pytorch.load_model('models:/{cfg.tracking.model_name}/{version}')")
+    print(f"browse:  mlflow ui --backend-store-uri {tracking.redact_uri(uri)}")
+    return out
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from pipelines.config_cli import parse_config
+
+    cfg = parse_config(argv, prog="python -m pipelines.pretrain", description=__doc__)
+    try:
+        return main(cfg)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,161 @@
+"""MLflow in one place: tracking URI, reachability, runs, plots and the model registry.
+
+Only rank 0 (or the driver) calls these. Registered encoders are saved with MLflow's ``pt2``
+format (``torch.export``), so loading them never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_URI", "CHAMPION", "EncoderForExport", "check_tracking_server", "log_encoder", "plot_curves",
+           "plot_similarity_histogram", "promote_if_better", "redact_uri", "resolve_tracking_uri"]
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+CHAMPION = "champion"
+PIP_REQUIREMENTS = ["torch", "numpy"]
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri``, else ``sqlite:///mlflow.db`` (absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without credentials: ``https://user:secret@host`` -> ``https://***@host``."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def check_tracking_server(uri: str, *, timeout_s: float = 10.0) -> None:
+    """Fails fast when an HTTP tracking server does not answer its ``/health`` endpoint.
+
+    Raises:
+        ConnectionError: naming the (redacted) URI, within about ``timeout_s`` seconds.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            if response.status != 200:
+                raise ConnectionError(f"MLflow tracking server {redact_uri(uri)} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise ConnectionError(
+            f"MLflow tracking server {redact_uri(uri)} is unreachable ({getattr(err, 'reason', err)}); start it or set "
+            "MLFLOW_TRACKING_URI / tracking.uri"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def plot_curves(history: Sequence[Mapping[str, float]]):
+    """Loss and kNN top-1 per epoch, side by side. Returns a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_acc.plot(epochs, [h["knn_top1"] for h in history], marker="o", color="tab:green")
+    ax_acc.set(xlabel="epoch", ylabel="kNN top-1", title="kNN top-1 (held-out)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_similarity_histogram(real: np.ndarray, synthetic: np.ndarray):
+    """Anchor-negative cosine similarities: all real negatives vs the synthetic ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    bins = np.linspace(-1, 1, 81)
+    ax.hist(real, bins=bins, density=True, alpha=0.6, label=f"real negatives ({len(real)})")
+    if len(synthetic):
+        ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic negatives ({len(synthetic)})")
+    ax.set(xlabel="cosine similarity to the anchor", ylabel="density", title="anchor-negative similarities")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+class EncoderForExport(nn.Module):
+    """What gets registered: a float image batch (N, 3, H, W) -> backbone features (N, F)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.encoder(images)
+
+
+def log_encoder(encoder: nn.Module, *, image_size: int, model_name: str | None, name: str = "encoder") -> Any:
+    """Logs the encoder to the active run (pt2, dynamic batch) and registers it when named.
+
+    Returns:
+        The ``ModelInfo``; ``registered_model_version`` is set when registered.
+    """
+    import mlflow
+
+    module = EncoderForExport(encoder).cpu().eval()
+    example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)  # batch 2: dynamic batch dim
+    return mlflow.pytorch.log_model(
+        module, name=name, input_example=example, registered_model_name=model_name,
+        serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
+    )
+
+
+def promote_if_better(model_name: str, version: str | int, *, knn_top1: float, dataset: str,
+                      alias: str = CHAMPION) -> bool:
+    """Tags the version with its score and moves ``alias`` to it when it beats the current holder
+    on the same dataset (or when nothing holds the alias yet).
+
+    Returns:
+        Whether the alias moved.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    version = str(version)
+    client.set_model_version_tag(model_name, version, "knn_top1", f"{knn_top1:.6f}")
+    client.set_model_version_tag(model_name, version, "dataset", dataset)
+    try:
+        current = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        current = None
+    if current is not None:
+        same_dataset = current.tags.get("dataset") == dataset
+        if not same_dataset or float(current.tags.get("knn_top1", "-inf")) >= knn_top1:
+            return False
+    client.set_registered_model_alias(model_name, alias, version)
+    return True
+
+
+def log_params(params: Mapping[str, Any], uri_keys: Iterable[str] = ("tracking.uri",)) -> None:
+    """Logs params to the active run with any URI credentials redacted."""
+    import mlflow
+
+    clean = {k: (redact_uri(str(v)) if k in uri_keys else v) for k, v in params.items()}
+    mlflow.log_params(clean)
