@@ -181,7 +181,8 @@ class _RankZeroTracker:
 
 
 def _mlflow_run(cfg: Config, uri: str) -> str:
-    """The MLflow run of ``train.run_name``: reopened when a previous attempt did not finish."""
+    """The MLflow run of ``train.run_name``: one run per name, like Ray Train's checkpoints, so a
+    resumed or extended training appends to the run it continues."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -189,7 +190,8 @@ def _mlflow_run(cfg: Config, uri: str) -> str:
     client = mlflow.MlflowClient()
     previous = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}' and attributes.status != 'FINISHED'",
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}'",
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if previous:

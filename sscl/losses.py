@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -117,8 +118,10 @@ def _stack(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
     if world > 1:
         from torch.distributed.nn.functional import all_gather  # differentiable gather
 
-        z1 = torch.cat(all_gather(z1.contiguous()))
-        z2 = torch.cat(all_gather(z2.contiguous()))
+        with warnings.catch_warnings():  # deprecated in favour of a private API; still supported
+            warnings.simplefilter("ignore", FutureWarning)
+            z1 = torch.cat(all_gather(z1.contiguous()))
+            z2 = torch.cat(all_gather(z2.contiguous()))
     z = torch.cat([z1, z2])  # (2B, D), global
     compute_dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 autocast -> float32
     return z, _layout(z1.shape[0] // world, world, rank, z.device, compute_dtype)

@@ -86,7 +86,8 @@ def plot_similarity_histogram(real: np.ndarray, synthetic: np.ndarray):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    bins = np.linspace(-1, 1, 81)
+    values = np.concatenate([real, synthetic]) if len(synthetic) else real
+    bins = np.linspace(float(values.min()), float(values.max()) + 1e-6, 81)
     ax.hist(real, bins=bins, density=True, alpha=0.6, label=f"real negatives ({len(real)})")
     if len(synthetic):
         ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic negatives ({len(synthetic)})")

@@ -108,7 +108,11 @@ class TwoViewAugment:
             raise ValueError(f"batch has no 'image' key (keys: {sorted(batch)})")
         images = batch["image"]
         as_numpy = not isinstance(images, torch.Tensor)
-        x = torch.from_numpy(np.ascontiguousarray(images)) if as_numpy else images
+        if as_numpy:
+            images = np.ascontiguousarray(images)
+            x = torch.from_numpy(images if images.flags.writeable else images.copy())  # Ray hands read-only arrays
+        else:
+            x = images
         view1, view2 = self.views(x)
         out = {k: v for k, v in batch.items() if k != "image"}
         if as_numpy:

@@ -1,0 +1,129 @@
+"""End to end on the offline digits: a real local Ray cluster, 2 Train workers, MLflow on sqlite
+and a real ``mlflow server`` process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from sscl.config import load_config
+
+QUICKSTART = Path(__file__).parents[1] / "pipelines" / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    # More logical CPUs than cores: 2 Train workers and the augmentation actor must fit at once.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, 9)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def quick_cfg(tmp_path, *extra):
+    return load_config(QUICKSTART, [
+        f"train.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model.width=0.125",
+        "data.batch_size=64", "train.linear_epochs=5", "train.knn_k=20", "optim.warmup_epochs=0", *extra,
+    ])
+
+
+def test_pretrain_registers_loads_without_pickle_and_resumes(tmp_path, ray_cluster, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = main(quick_cfg(tmp_path, "train.epochs=2"))
+    assert first["epochs"] == 2 and str(first["version"]) == "1" and first["champion"]
+
+    # Rerunning the same run name with more epochs continues from the checkpoint.
+    second = main(quick_cfg(tmp_path, "train.epochs=4"))
+    assert second["run_id"] == first["run_id"] and second["epochs"] == 4 and str(second["version"]) == "2"
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    history = client.get_metric_history(first["run_id"], "knn_top1")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # every epoch once, across the resume
+    losses = [m.value for m in sorted(client.get_metric_history(first["run_id"], "loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0]
+    run = client.get_run(first["run_id"])
+    for key in ("final_knn_top1", "linear_top1", "lr", "images_per_second"):
+        assert key in run.data.metrics
+    assert run.data.params["loss.name"] == "sscl" and run.data.params["scaling.num_workers"] == "2"
+    assert {"config.yaml", "curves.png", "similarity_histogram.png"} <= {a.path for a in client.list_artifacts(first["run_id"])}
+
+    # The optimizer state travelled with the checkpoint: 4 epochs of steps, momentum buffers present.
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "quickstart").glob("checkpoint_*") if p.is_dir())
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
+    assert state["epoch"] == 4 and state["step"] == 4 * ((1797 - 359) // 64)
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+
+    champion = client.get_model_version_by_alias("sscl-digits", "champion")
+    assert str(champion.version) in ("1", "2")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    for address in ("models:/sscl-digits@champion", "models:/sscl-digits/2"):
+        model = mlflow.pytorch.load_model(address)
+        assert model(torch.randn(5, 3, 32, 32)).shape == (5, 64)  # ResNet-18 at width 0.125: 512 / 8
+
+
+def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines.pretrain import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model"))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(result["run_id"])
+    assert run.data.params["train.run_name"] == "server-run" and "final_knn_top1" in run.data.metrics
+    assert client.get_model_version_by_alias("server-model", "champion").version == "1"
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://user:secret@127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError) as err:
+        main(quick_cfg(tmp_path, f"tracking.uri={uri}"))
+    assert "127.0.0.1" in str(err.value) and "secret" not in str(err.value)
+    assert not (tmp_path / "ray").exists()  # no training started
