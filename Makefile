@@ -18,7 +18,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m pipelines.train_local --epochs 10
+	$(PY) -m pipelines.pretrain --config pipelines/configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,6 +1,9 @@
 """The ``sscl`` console script: one entry point, a subcommand per pipeline.
 
-    sscl train-local --epochs 5          # == python -m pipelines.train_local
+    sscl pretrain --config pipelines/configs/quickstart.yaml [key=value ...]   # Ray Train + MLflow
+    sscl evaluate --model models:/sscl-digits@champion --config ...
+    sscl registry list|show|promote|embed ...
+    sscl train-local --epochs 5          # == python -m pipelines.train_local (no Ray)
     sscl benchmark loss                  # == python -m pipelines.benchmark
     sscl config --config pipelines/configs/quickstart.yaml loss.temperature=0.2
 """
@@ -33,7 +36,28 @@ def _config(argv: Sequence[str]) -> None:
     print(yaml.safe_dump(to_dict(parse_config(argv, prog="sscl config")), sort_keys=False), end="")
 
 
+def _pretrain(argv: Sequence[str]) -> None:
+    from pipelines import pretrain
+
+    pretrain.cli(argv)
+
+
+def _evaluate(argv: Sequence[str]) -> None:
+    from pipelines import evaluate
+
+    evaluate.cli(argv)
+
+
+def _registry(argv: Sequence[str]) -> None:
+    from pipelines import registry
+
+    registry.cli(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "pretrain": _pretrain,
+    "evaluate": _evaluate,
+    "registry": _registry,
     "train-local": _train_local,
     "benchmark": _benchmark,
     "config": _config,

@@ -59,7 +59,10 @@ def loss_from_config(cfg: Config):
 @torch.no_grad()
 def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
     """Frozen features of uint8 (N, H, W, 3) images under the evaluation transform."""
-    encoder.eval()
+    try:
+        encoder.eval()
+    except NotImplementedError:
+        pass  # a registered (torch.export) encoder: already frozen in inference mode
     x = normalize_images(images, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
     if x.shape[-1] != cfg.augment.crop_size:
         x = torch.nn.functional.interpolate(x, size=cfg.augment.crop_size, mode="bilinear", antialias=True)

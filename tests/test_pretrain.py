@@ -11,8 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from pipelines import evaluate, registry
 
 from sscl.config import load_config
 
@@ -104,6 +107,23 @@ def test_pretrain_registers_loads_without_pickle_and_resumes(tmp_path, ray_clust
         model = mlflow.pytorch.load_model(address)
         assert model(torch.randn(5, 3, 32, 32)).shape == (5, 64)  # ResNet-18 at width 0.125: 512 / 8
 
+    # The evaluation pipeline on the registered (exported) encoder reproduces the recorded score.
+    cfg = quick_cfg(tmp_path)
+    evaluated = evaluate.main(cfg, "models:/sscl-digits/2")
+    assert abs(evaluated["knn_top1"] - second["final_knn_top1"]) <= 0.01
+    # Registry lookups.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = registry.list_versions("sscl-digits", uri)
+    assert [r["version"] for r in rows] == ["2", "1"] and rows[0]["dataset"] == "digits"
+    registry.promote("sscl-digits", "1", "champion", uri)
+    assert registry.show("models:/sscl-digits@champion", uri)["version"] == "1"
+    with pytest.raises(ValueError, match="not in the registry"):
+        registry.show("models:/sscl-digits/99", uri)
+    np.save(tmp_path / "batch.npy", np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    assert tuple(registry.embed("models:/sscl-digits@champion", str(tmp_path / "batch.npy"), str(tmp_path / "e.npy"),
+                                tracking_uri=uri)) == (3, 64)
+    assert np.load(tmp_path / "e.npy").shape == (3, 64)
+
 
 def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_server, monkeypatch):
     from mlflow import MlflowClient
@@ -111,7 +131,9 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_ser
     from pipelines.pretrain import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model"))
+    # Also covers augment.device=gpu: views made inside the training loop (here on the CPU device).
+    result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model",
+                            "augment.device=gpu"))
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result["run_id"])
     assert run.data.params["train.run_name"] == "server-run" and "final_knn_top1" in run.data.metrics

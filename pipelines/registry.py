@@ -1,0 +1,140 @@
+"""Registry lookups for SSCL encoders.
+
+    python -m pipelines.registry list [--name sscl-digits]
+    python -m pipelines.registry show models:/sscl-digits@champion
+    python -m pipelines.registry promote sscl-digits 3 [--alias champion]
+    python -m pipelines.registry embed models:/sscl-digits@champion --images batch.npy --out emb.npy
+
+``embed`` reads uint8 (N, H, W, 3) images from ``.npy`` and writes (N, F) features, using the
+evaluation transform of ``--config`` (normalisation and crop size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sscl.config import ConfigError, load_config
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def _client(tracking_uri: str = ""):
+    import mlflow
+
+    from sscl import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def _version_row(v) -> dict[str, Any]:
+    return {"name": v.name, "version": str(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
+            "knn_top1": v.tags.get("knn_top1"), "dataset": v.tags.get("dataset")}
+
+
+def list_versions(name: str | None = None, tracking_uri: str = "") -> list[dict[str, Any]]:
+    """Every version of every registered model (or of ``name``), newest first."""
+    client = _client(tracking_uri)
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    rows = []
+    for model in names:
+        rows += [_version_row(v) for v in client.search_model_versions(f"name = '{model}'")]
+    return sorted(rows, key=lambda r: (r["name"], -int(r["version"])))
+
+
+def show(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
+    """One version, resolved from ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, with its run."""
+    match = _MODEL_URI.match(model_uri)
+    if not match:
+        raise ValueError(f"model must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        raise ValueError(f"{model_uri}: not in the registry ({err.message})") from None
+    run = client.get_run(version.run_id)
+    return _version_row(version) | {"metrics": run.data.metrics, "params": run.data.params}
+
+
+def promote(name: str, version: str, alias: str = "champion", tracking_uri: str = "") -> dict[str, Any]:
+    """Points ``alias`` at ``version`` (e.g. to roll back the champion by hand)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"{name} version {version}: not in the registry ({err.message})") from None
+    client.set_registered_model_alias(name, alias, version)
+    return _version_row(client.get_model_version(name, version))
+
+
+def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
+    """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
+    from pipelines.evaluate import load_encoder
+    from pipelines.pretrain import encode
+
+    cfg = load_config(config)
+    path = Path(images_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--images: file not found: {path}")
+    images = np.load(path, allow_pickle=False)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"--images must hold uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    features = encode(load_encoder(model_uri, tracking_uri or cfg.tracking.uri), images, cfg).numpy()
+    np.save(out_path, features)
+    return features.shape
+
+
+def cli(argv: Sequence[str] | None = None) -> Any:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.registry", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracking-uri", default="", help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list")
+    p_list.add_argument("--name")
+    p_show = sub.add_parser("show")
+    p_show.add_argument("model")
+    p_promote = sub.add_parser("promote")
+    p_promote.add_argument("name")
+    p_promote.add_argument("version")
+    p_promote.add_argument("--alias", default="champion")
+    p_embed = sub.add_parser("embed")
+    p_embed.add_argument("model")
+    p_embed.add_argument("--images", required=True)
+    p_embed.add_argument("--out", required=True)
+    p_embed.add_argument("--config")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            out: Any = list_versions(args.name, args.tracking_uri)
+        elif args.command == "show":
+            out = show(args.model, args.tracking_uri)
+        elif args.command == "promote":
+            out = promote(args.name, args.version, args.alias, args.tracking_uri)
+        else:
+            out = {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri)),
+                   "out": args.out}
+    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(out, indent=2, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    cli()
