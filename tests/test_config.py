@@ -121,3 +121,9 @@ def test_bad_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [key for key in flatten(Config()) if f"`{key}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
