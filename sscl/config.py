@@ -226,15 +226,21 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], problems: list[s
             return
 
 
+def _unknown(kind: str, prefix: str, key: str, valid: Iterable[str]) -> str:
+    """``loss.temprature: unknown key; did you mean loss.temperature?`` (or the valid names)."""
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid {kind}s: {', '.join(valid)}"
+    return f"{prefix}{key}: unknown {kind}{hint}"
+
+
 def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: list[str]) -> Any:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {name}.{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
-            problems.append(f"{name}.{key}: unknown key{hint}")
+            problems.append(_unknown("key", f"{name}.", key, fields))
             continue
         coerced = _check_type(f"{name}.{key}", value, hints[key], problems)
         if coerced is not None:
@@ -261,7 +267,7 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                         f"{cfg.scaling.num_workers}")
     elif per_worker < 1:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= scaling.num_workers")
-    if cfg.loss.name == "sscl" and cfg.loss.n_synthetic > 0 and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
+    if cfg.loss.name == "sscl" and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
         problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
@@ -304,9 +310,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     built = {}
     for name, values in tree.items():
         if name not in sections:
-            close = difflib.get_close_matches(name, sections, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(sections)}"
-            problems.append(f"{name}: unknown section{hint}")
+            problems.append(_unknown("section", "", name, sections))
         elif not isinstance(values, dict):
             problems.append(f"{name}: must be a mapping of keys, got {values!r}")
         else:
