@@ -29,6 +29,7 @@ from sscl.models import build_model
 from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 RUN_NAME_TAG = "sscl.run_name"
+FINISHED_TAG = "sscl.finished_epochs"  # set once the encoder of that many epochs is registered
 STATE_FILE = "state.pt"
 
 
@@ -122,13 +123,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_sets = config["eval_sets"] if rank == 0 else None
     tracker = _RankZeroTracker(config) if rank == 0 else None
 
+    if start_epoch >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(state, Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"epoch": start_epoch}, checkpoint=checkpoint)
+        return
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
-        bar = _progress(rank, epoch, cfg.train.epochs, steps_per_epoch)
+        bar = _progress(config["interactive"] and rank == 0, epoch, cfg.train.epochs, steps_per_epoch)
         result = train_one_epoch(
             model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step, device=device,
             augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
-            on_step=(lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+            on_step=(lambda i, loss: (bar.update(1), bar.set_description(f"epoch {epoch + 1} loss {loss:.3f}")))
+            if bar else None,
         )
         if bar:
             bar.close()
@@ -155,12 +165,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def _progress(rank: int, epoch: int, epochs: int, steps: int):
-    if rank != 0 or not sys.stderr.isatty():
+def _progress(show: bool, epoch: int, epochs: int, steps: int):
+    """A step progress bar that Ray draws on the driver's terminal (workers have none)."""
+    if not show:
         return None
-    from tqdm import tqdm
+    from ray.experimental.tqdm_ray import tqdm
 
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}")
 
 
 class _RankZeroTracker:
@@ -181,6 +192,21 @@ class _RankZeroTracker:
 
 
 # ---------------------------------------------------------------------------- the driver
+
+
+def _finished_result(cfg: Config, run_id: str) -> dict[str, Any] | None:
+    """The recorded result when this run name already finished ``train.epochs`` epochs."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.data.tags.get(FINISHED_TAG) != str(cfg.train.epochs):
+        return None
+    result = {"run_id": run_id, "epochs": cfg.train.epochs, "model_name": cfg.tracking.model_name,
+              "version": run.data.tags.get("sscl.registered_version"), "champion": None,
+              **{k: run.data.metrics[k] for k in ("final_knn_top1", "linear_top1") if k in run.data.metrics}}
+    print(f"run {cfg.train.run_name!r} already finished {cfg.train.epochs} epochs (registered version "
+          f"{result['version']}); set a new train.run_name, or a larger train.epochs to continue it")
+    return result
 
 
 def _mlflow_run(cfg: Config, uri: str) -> str:
@@ -217,6 +243,13 @@ def _redacted(cfg: Config) -> dict[str, Any]:
     return tree
 
 
+def _storage_path(path: str) -> str | None:
+    """Ray Train needs absolute local paths; URIs (s3://, gs://) pass through."""
+    if not path or "://" in path:
+        return path or None
+    return str(Path(path).expanduser().resolve())
+
+
 def _init_ray() -> None:
     import ray
 
@@ -233,6 +266,8 @@ def _init_ray() -> None:
 def _datasets(cfg: Config):
     import ray.data
 
+    # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     pretrain = build_dataset(cfg.data, "pretrain").select_columns(["image"]).randomize_block_order()
     if cfg.augment.device == "cpu":
         # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
@@ -259,15 +294,18 @@ def main(cfg: Config) -> dict[str, Any]:
     if n_pretrain < cfg.data.batch_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {n_pretrain} pretraining images")
     run_id = _mlflow_run(cfg, uri)
+    finished = _finished_result(cfg, run_id)
+    if finished is not None:
+        return finished
     _init_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "eval_sets": eval_sets, "n_pretrain": n_pretrain},
+                           "eval_sets": eval_sets, "n_pretrain": n_pretrain, "interactive": sys.stderr.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=cfg.train.storage_path or None,
+            name=cfg.train.run_name, storage_path=_storage_path(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -315,6 +353,9 @@ def _finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]]
         info = tracking.log_encoder(model.encoder, image_size=cfg.augment.crop_size,
                                     model_name=cfg.tracking.model_name if cfg.tracking.register else None)
     version = getattr(info, "registered_model_version", None)
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, FINISHED_TAG, str(len(history)))
+    client.set_tag(run_id, "sscl.registered_version", str(version))
     champion = False
     if version is not None:
         champion = tracking.promote_if_better(cfg.tracking.model_name, version, knn_top1=final["final_knn_top1"],

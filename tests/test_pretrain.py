@@ -81,6 +81,10 @@ def test_pretrain_registers_loads_without_pickle_and_resumes(tmp_path, ray_clust
     # Rerunning the same run name with more epochs continues from the checkpoint.
     second = main(quick_cfg(tmp_path, "train.epochs=4"))
     assert second["run_id"] == first["run_id"] and second["epochs"] == 4 and str(second["version"]) == "2"
+    # The same command once more: already finished, nothing retrained or registered again.
+    again = main(quick_cfg(tmp_path, "train.epochs=4"))
+    assert again["run_id"] == first["run_id"] and again["version"] == "2"
+    assert again["final_knn_top1"] == pytest.approx(second["final_knn_top1"])
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = MlflowClient()
