@@ -146,7 +146,7 @@ def bench_augment(device: str = "cpu", n_images: int = 4096, batch_size: int = 5
             batch_size=256, num_workers=2, persistent_workers=True,
         )
 
-        def per_image() -> None:
+        def per_image(loader=loader) -> None:
             for _ in loader:
                 pass
 

@@ -9,6 +9,7 @@ checkpoint (and continues the same MLflow run) instead of starting over.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from sscl.losses import get_loss, negative_similarities
 from sscl.models import build_model
 from sscl.train import build_optimizer, lr_at, train_one_epoch
 
+# Worker output goes through a logger: Ray Train forwards print() output to the driver twice.
+log = logging.getLogger("sscl.pretrain")
 RUN_NAME_TAG = "sscl.run_name"
 FINISHED_TAG = "sscl.finished_epochs"  # set once the encoder of that many epochs is registered
 STATE_FILE = "state.pt"
@@ -83,10 +86,12 @@ def knn_of(encoder: torch.nn.Module, eval_sets: dict[str, Any], cfg: Config, dev
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: resumes from the latest checkpoint, trains, reports every epoch."""
+    import ray
     import ray.train
     import ray.train.torch
 
     cfg = from_dict(config["cfg"])
+    log.setLevel(logging.INFO)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -120,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if on_gpu else None
     loss_fn = loss_from_config(cfg)
     shard = ray.train.get_dataset_shard("train")
-    eval_sets = config["eval_sets"] if rank == 0 else None
+    eval_sets = ray.get(config["eval_sets"]) if rank == 0 else None
     tracker = _RankZeroTracker(config) if rank == 0 else None
 
     if start_epoch >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
@@ -133,15 +138,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
-        bar = _progress(config["interactive"] and rank == 0, epoch, cfg.train.epochs, steps_per_epoch)
+        bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch) if rank == 0 else None
         result = train_one_epoch(
             model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step, device=device,
             augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
-            on_step=(lambda i, loss: (bar.update(1), bar.set_description(f"epoch {epoch + 1} loss {loss:.3f}")))
-            if bar else None,
+            on_step=bar.update if bar else None,
         )
-        if bar:
-            bar.close()
         step = result.next_step
         metrics: dict[str, float] = {"epoch": epoch + 1}
         if rank == 0:
@@ -150,8 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "knn_top1": knn}
             history.append(dict(metrics))
             tracker.log(metrics, step=epoch + 1)
-            print(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
-                  f"img/s {metrics['images_per_second']:8.1f}  knn_top1 {knn:.4f}", flush=True)
+            log.info(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
+                     f"img/s {metrics['images_per_second']:8.1f}  knn_top1 {knn:.4f}")
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
@@ -165,13 +167,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def _progress(show: bool, epoch: int, epochs: int, steps: int):
-    """A step progress bar that Ray draws on the driver's terminal (workers have none)."""
-    if not show:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
+class _Progress:
+    """A text progress bar printed at each quarter of an epoch: worker output reaches the driver
+    (terminal or job log) line by line, where a redrawn bar would not."""
 
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}")
+    def __init__(self, epoch: int, epochs: int, steps: int, marks: int = 4) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.at = {max(1, round(steps * k / marks)) for k in range(1, marks)}
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: float) -> None:
+        if step in self.at:
+            done = step / self.steps
+            bar = "#" * round(20 * done)
+            log.info(f"epoch {self.epoch:3d}/{self.epochs} [{bar:<20}] {step}/{self.steps} steps  loss {loss:.4f}  "
+                     f"{time.perf_counter() - self.start:.0f} s")
 
 
 class _RankZeroTracker:
@@ -280,7 +290,7 @@ def _datasets(cfg: Config):
 
 def main(cfg: Config) -> dict[str, Any]:
     """Pretrains, evaluates and registers; returns final metrics and the registered version."""
-    import mlflow
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -301,7 +311,7 @@ def main(cfg: Config) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "eval_sets": eval_sets, "n_pretrain": n_pretrain, "interactive": sys.stderr.isatty()},
+                           "eval_sets": ray.put(eval_sets), "n_pretrain": n_pretrain},  # via the object store
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "TwoViewAugment", "normalize_images"]
 
