@@ -273,12 +273,11 @@ def _init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
 
 
-def _datasets(cfg: Config):
+def _augmented(cfg: Config, pretrain):
+    """Two fresh views per image every epoch, on a CPU actor pool unless made on the device."""
     import ray.data
 
-    # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    pretrain = build_dataset(cfg.data, "pretrain").select_columns(["image"]).randomize_block_order()
+    pretrain = pretrain.select_columns(["image"]).randomize_block_order()
     if cfg.augment.device == "cpu":
         # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
         pretrain = pretrain.map_batches(
@@ -291,6 +290,7 @@ def _datasets(cfg: Config):
 def main(cfg: Config) -> dict[str, Any]:
     """Pretrains, evaluates and registers; returns final metrics and the registered version."""
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -300,14 +300,17 @@ def main(cfg: Config) -> dict[str, Any]:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_tracking_server(uri)  # before any compute
     eval_sets = {"train": read_split(cfg.data, "eval_train"), "test": read_split(cfg.data, "eval_test")}
-    n_pretrain = len(read_split(cfg.data, "pretrain").images) if cfg.data.source != "digits" else len(eval_sets["train"].images)
-    if n_pretrain < cfg.data.batch_size:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {n_pretrain} pretraining images")
     run_id = _mlflow_run(cfg, uri)
     finished = _finished_result(cfg, run_id)
     if finished is not None:
         return finished
     _init_ray()
+    # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    pretrain = build_dataset(cfg.data, "pretrain")
+    n_pretrain = pretrain.count()  # from the blocks' metadata: nothing is read twice
+    if n_pretrain < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {n_pretrain} pretraining images")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
@@ -319,7 +322,7 @@ def main(cfg: Config) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": _datasets(cfg)},
+        datasets={"train": _augmented(cfg, pretrain)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
