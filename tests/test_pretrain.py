@@ -75,6 +75,7 @@ def test_pretrain_registers_loads_without_pickle_and_resumes(tmp_path, ray_clust
     from pipelines.pretrain import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow puts a sqlite store's artifacts in ./mlruns
     first = main(quick_cfg(tmp_path, "train.epochs=2"))
     assert first["epochs"] == 2 and str(first["version"]) == "1" and first["champion"]
 
