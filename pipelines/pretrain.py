@@ -127,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     eval_sets = ray.get(config["eval_sets"]) if rank == 0 else None
     tracker = _RankZeroTracker(config) if rank == 0 else None
+    if tracker:
+        tracker.sync(history)  # epochs checkpointed before a crash but not logged yet
 
     if start_epoch >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
         with tempfile.TemporaryDirectory() as folder:
@@ -134,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save(state, Path(folder) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({"epoch": start_epoch}, checkpoint=checkpoint)
+            ray.train.report(history[-1] if history else {"epoch": start_epoch}, checkpoint=checkpoint)
         return
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
@@ -151,7 +153,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics |= {"loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second * world,
                         "knn_top1": knn}
             history.append(dict(metrics))
-            tracker.log(metrics, step=epoch + 1)
             log.info(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
                      f"img/s {metrics['images_per_second']:8.1f}  knn_top1 {knn:.4f}")
         last = epoch + 1 == cfg.train.epochs
@@ -163,6 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 "step": step, "history": history}, Path(folder) / STATE_FILE)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=checkpoint)
+            if tracker:
+                # Logged once checkpointed: an epoch redone after a crash is never logged twice.
+                tracker.sync(history)
         else:
             ray.train.report(metrics)
 
@@ -185,20 +189,43 @@ class _Progress:
 
 
 class _RankZeroTracker:
-    """Per-epoch metrics into the driver's MLflow run (rank 0 only)."""
+    """Per-epoch metrics into the driver's MLflow run (rank 0 only), each epoch exactly once.
+
+    ``sync(history)`` logs the checkpointed epochs the run does not have yet. If the tracking server
+    is unreachable, training goes on: the epochs stay pending, a warning says how many, and the next
+    sync (or the driver at the end) logs them.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         import mlflow
 
+        # Fail fast per call instead of MLflow's default of minutes of retries: a later sync retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.run_id = config["mlflow_run_id"]
         mlflow.set_tracking_uri(config["tracking_uri"])
         self.client = mlflow.MlflowClient()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def sync(self, history: list[dict[str, float]]) -> None:
+        try:
+            log_history(self.client, self.run_id, history)
+        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+            log.warning(f"MLflow unreachable ({type(err).__name__}: {str(err)[:200]}); "
+                        f"epoch metrics kept in the checkpoint and retried at the next checkpoint")
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+def log_history(client, run_id: str, history: list[dict[str, float]]) -> int:
+    """Logs each epoch of ``history`` that ``run_id`` lacks (by ``epoch`` step); returns how many."""
+    from mlflow.entities import Metric
+
+    have = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    missing = [h for h in history if int(h["epoch"]) not in have]
+    now = int(time.time() * 1000)
+    for h in missing:
+        # "epoch" last: its presence marks the epoch as logged in full.
+        items = sorted(h.items(), key=lambda kv: kv[0] == "epoch")
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(h["epoch"])) for k, v in items])
+    return len(missing)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -219,30 +246,40 @@ def _finished_result(cfg: Config, run_id: str) -> dict[str, Any] | None:
     return result
 
 
-def _mlflow_run(cfg: Config, uri: str) -> str:
-    """The MLflow run of ``train.run_name``: one run per name, like Ray Train's checkpoints, so a
-    resumed or extended training appends to the run it continues."""
+def open_run(cfg: Config, uri: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    """The MLflow run named ``run_name`` in ``tracking.experiment``, created (with ``params``, ``tags``
+    and the redacted config as ``config.yaml``) if it does not exist yet.
+
+    One run per name, like Ray Train's checkpoints: a resumed or extended training appends to the run
+    it continues.
+    """
     import mlflow
+
+    from sscl.tracking import log_params
 
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     previous = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.train.run_name}'",
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if previous:
         return previous[0].info.run_id
-    run = client.create_run(experiment.experiment_id, run_name=cfg.train.run_name, tags={RUN_NAME_TAG: cfg.train.run_name})
-    from sscl.tracking import log_params
-
+    run = client.create_run(experiment.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     with mlflow.start_run(run_id=run.info.run_id):
-        log_params(flatten(cfg))
+        log_params(params)
         mlflow.log_text(yaml.safe_dump(_redacted(cfg), sort_keys=False), "config.yaml")
     client.update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
+
+
+def _mlflow_run(cfg: Config, uri: str) -> str:
+    """The run of ``train.run_name``, with every config key but the sweep's (``tune.*``) as params."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
+    return open_run(cfg, uri, run_name=cfg.train.run_name, params=params)
 
 
 def _redacted(cfg: Config) -> dict[str, Any]:
@@ -253,14 +290,15 @@ def _redacted(cfg: Config) -> dict[str, Any]:
     return tree
 
 
-def _storage_path(path: str) -> str | None:
+def storage_path(path: str) -> str | None:
     """Ray Train needs absolute local paths; URIs (s3://, gs://) pass through."""
     if not path or "://" in path:
         return path or None
     return str(Path(path).expanduser().resolve())
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
+    """Joins the cluster in ``RAY_ADDRESS`` (a job or ``ray start``), else starts a local one."""
     import ray
 
     if ray.is_initialized():
@@ -287,24 +325,34 @@ def _augmented(cfg: Config, pretrain):
     return pretrain
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    """Pretrains, evaluates and registers; returns final metrics and the registered version."""
+def prepare(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """Checks the tracking server (before any compute) and reads the evaluation splits.
+
+    Returns:
+        The resolved tracking URI and ``{"train": Split, "test": Split}`` for kNN and the probe.
+    """
+    from sscl import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking_server(uri)
+    return uri, {"train": read_split(cfg.data, "eval_train"), "test": read_split(cfg.data, "eval_test")}
+
+
+def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callbacks: Sequence[Any] = ()):
+    """Runs (or resumes) the Ray Train run ``train.run_name`` under ``train.storage_path``.
+
+    Args:
+        run_id: the MLflow run rank 0 logs each epoch into.
+        callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+
+    Returns:
+        The ``ray.train.Result``; its checkpoint holds the model, optimizer and metric history.
+    """
     import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sscl import tracking
-
-    started = time.perf_counter()
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_tracking_server(uri)  # before any compute
-    eval_sets = {"train": read_split(cfg.data, "eval_train"), "test": read_split(cfg.data, "eval_test")}
-    run_id = _mlflow_run(cfg, uri)
-    finished = _finished_result(cfg, run_id)
-    if finished is not None:
-        return finished
-    _init_ray()
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     pretrain = build_dataset(cfg.data, "pretrain")
@@ -318,24 +366,48 @@ def main(cfg: Config) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=_storage_path(cfg.train.storage_path),
+            name=cfg.train.run_name, storage_path=storage_path(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": _augmented(cfg, pretrain)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
+    return trainer.fit()
+
+
+def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """The model and per-epoch history saved in a Ray Train checkpoint of this pipeline."""
+    with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     model = model_from_config(cfg)
     model.load_state_dict(state["model"])
-    return _finish(cfg, model, state["history"], eval_sets, run_id, uri, started)
+    return model, state["history"]
 
 
-def _finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]], eval_sets: dict[str, Any],
-            run_id: str, uri: str, started: float) -> dict[str, Any]:
-    """Final evaluation, plots, model logging and registration on the driver."""
+def main(cfg: Config) -> dict[str, Any]:
+    """Pretrains, evaluates and registers; returns final metrics and the registered version."""
+    started = time.perf_counter()
+    uri, eval_sets = prepare(cfg)
+    run_id = _mlflow_run(cfg, uri)
+    finished = _finished_result(cfg, run_id)
+    if finished is not None:
+        return finished
+    init_ray()
+    result = fit(cfg, run_id=run_id, uri=uri, eval_sets=eval_sets)
+    model, history = load_trained(cfg, result.checkpoint)
+    return finish(cfg, model, history, eval_sets, run_id, uri, started)
+
+
+def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]], eval_sets: dict[str, Any],
+           run_id: str, uri: str, started: float, *, aliases: Sequence[str] = (),
+           version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Final evaluation, plots, model logging and registration on the driver.
+
+    The new version gets ``aliases`` and ``version_tags`` (a sweep's best: ``best-<sweep>``, its
+    params and the sweep's run id), and the champion alias when it beats the current one.
+    """
     import mlflow
 
     from sscl import tracking
@@ -359,6 +431,10 @@ def _finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]]
     real, synthetic = negative_similarities(z1, z2, n_hard=n_hard, n_synthetic=n_syn, mode=cfg.loss.mode)
 
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    pending = log_history(client, run_id, history)  # epochs rank 0 could not log while the server was down
+    if pending:
+        print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(final)
         mlflow.log_figure(tracking.plot_curves(history), "curves.png")
@@ -366,16 +442,20 @@ def _finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]]
         info = tracking.log_encoder(model.encoder, image_size=cfg.augment.crop_size,
                                     model_name=cfg.tracking.model_name if cfg.tracking.register else None)
     version = getattr(info, "registered_model_version", None)
-    client = mlflow.MlflowClient()
     client.set_tag(run_id, FINISHED_TAG, str(len(history)))
     client.set_tag(run_id, "sscl.registered_version", str(version))
     champion = False
     if version is not None:
+        for alias in aliases:
+            client.set_registered_model_alias(cfg.tracking.model_name, alias, str(version))
+        for key, value in (version_tags or {}).items():
+            client.set_model_version_tag(cfg.tracking.model_name, str(version), key, value)
         champion = tracking.promote_if_better(cfg.tracking.model_name, version, knn_top1=final["final_knn_top1"],
                                               dataset=cfg.data.source)
     out = {**final, "run_id": run_id, "model_name": cfg.tracking.model_name, "version": version, "champion": champion,
            "seconds": time.perf_counter() - started, "epochs": len(history)}
-    print(f"registered {cfg.tracking.model_name} version {version}{' (champion)' if champion else ''}: "
+    labels = ", ".join([*aliases, *(["champion"] if champion else [])])
+    print(f"registered {cfg.tracking.model_name} version {version}{f' ({labels})' if labels else ''}: "
           f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f} "
           f"(frozen encoder, {cfg.data.source} test split, {len(history)} epochs, {out['seconds']:.0f} s)")
     print(f"load it: mlflow.pytorch.load_model('models:/{cfg.tracking.model_name}/{version}')")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "describe_keys", "flatten", "from_dict", "load_config", "to_dict"]
+__all__ = ["Config", "ConfigError", "apply_overrides", "describe_keys", "field_info", "flatten", "from_dict",
+           "load_config", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,23 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    name: str = _f("sweep", "sweep name: rerunning with the same name continues that sweep")
+    num_samples: int = _f(4, "trials drawn from the space (grid spaces: repeats of the whole grid)", ge=1)
+    max_concurrent_trials: int = _f(0, "trials at once; 0 = as many as the cluster's CPUs/GPUs hold", ge=0)
+    search: str = _f("auto", "random (random + grid) | optuna (needs the optuna extra) | auto (optuna if "
+                     "installed and the space has no grid, else random)", choices=("auto", "random", "optuna"))
+    metric: str = _f("knn_top1", "per-epoch metric the sweep optimises (knn_top1: max, loss: min)",
+                     choices=("knn_top1", "loss"))
+    scheduler: str = _f("asha", "asha (early stopping) | fifo (every trial runs all epochs)", choices=("asha", "fifo"))
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped", ge=1)
+    reduction_factor: float = _f(2.0, "ASHA: keep the top 1/reduction_factor of trials at each rung", gt=1)
+    max_failures: int = _f(1, "retries of a failed trial (resumed from its checkpoint) before it is reported failed",
+                           ge=0)
+    driver_cpus: float = _f(0.25, "CPUs reserved for each trial's driver (its Train workers reserve their own)", gt=0)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -144,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -271,6 +291,11 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
         problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", cfg.tune.name):
+        problems.append(f"tune.name={cfg.tune.name!r}: use letters, digits, '-' and '_' (it names folders and a "
+                        "registry alias)")
+    if cfg.tune.grace_period > cfg.train.epochs:
+        problems.append(f"tune.grace_period={cfg.tune.grace_period}: must be <= train.epochs={cfg.train.epochs}")
     if cfg.data.source in ("imagefolder", "parquet") and not cfg.data.root:
         problems.append(f"data.root='': the {cfg.data.source} source needs a path")
 
@@ -306,6 +331,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         parsed = _parse_override(text, problems)
         if parsed:
             _set_dotted(tree, *parsed, problems)
+    return _from_tree(tree, problems)
+
+
+def _from_tree(tree: Mapping[str, Any], problems: list[str]) -> Config:
+    """Builds and validates a ``Config`` from nested dicts; raises ``ConfigError`` with every problem."""
     sections = _sections()
     built = {}
     for name, values in tree.items():
@@ -321,6 +351,41 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def apply_overrides(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """``cfg`` with dotted keys replaced (``{"loss.temperature": 0.2}``), validated like ``load_config``.
+
+    Integral floats (a ``quniform`` draw) become ints where the field is an integer.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type, out-of-range value and broken constraint.
+    """
+    problems: list[str] = []
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        hint = _hints(_sections()[section]).get(name) if section in _sections() else None
+        if hint is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        _set_dotted(tree, key, value, problems)
+    return _from_tree(tree, problems)
+
+
+def field_info(key: str) -> tuple[Any, Mapping[str, Any]]:
+    """The type hint and metadata (help, bounds, choices) of a dotted key.
+
+    Raises:
+        KeyError: with a did-you-mean message when the key is not in the schema.
+    """
+    section, _, name = key.partition(".")
+    sections = _sections()
+    if section not in sections:
+        raise KeyError(_unknown("section", "", section, sections))
+    fields = {f.name: f for f in dataclasses.fields(sections[section])}
+    if name not in fields:
+        raise KeyError(_unknown("key", f"{section}.", name, fields))
+    return _hints(sections[section])[name], fields[name].metadata
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

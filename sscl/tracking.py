@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_URI", "CHAMPION", "EncoderForExport", "check_tracking_server", "log_encoder", "plot_curves",
-           "plot_similarity_histogram", "promote_if_better", "redact_uri", "resolve_tracking_uri"]
+           "plot_similarity_histogram", "plot_sweep", "promote_if_better", "redact_uri", "resolve_tracking_uri"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
@@ -93,6 +93,46 @@ def plot_similarity_histogram(real: np.ndarray, synthetic: np.ndarray):
         ax.hist(synthetic, bins=bins, density=True, alpha=0.6, label=f"synthetic negatives ({len(synthetic)})")
     ax.set(xlabel="cosine similarity to the anchor", ylabel="density", title="anchor-negative similarities")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str):
+    """A sweep's metric against each searched hyperparameter, one panel per key.
+
+    Args:
+        rows: one per trial, with ``values`` (key -> sampled value), ``status`` and ``metric``.
+        keys: the searched keys; numeric ones get a numeric axis (log when the values span 20x),
+            the others one slot per value.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(keys) or ["trial"]
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(keys) + cols - 1) // cols)),
+                             squeeze=False)
+    markers = {"finished": ("o", "tab:blue"), "stopped early": ("x", "tab:orange"), "failed": ("s", "tab:red")}
+    for ax, key in zip(axes.flat, keys):
+        raw = [r["values"].get(key, r.get("trial_id")) if key != "trial" else r["trial_id"] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        labels = sorted({str(v) for v in raw})
+        xs = raw if numeric else [labels.index(str(v)) for v in raw]
+        for status, (marker, color) in markers.items():
+            picked = [(x, r[metric]) for x, r in zip(xs, rows) if r["status"] == status and r.get(metric) is not None]
+            if picked:
+                ax.scatter(*zip(*picked), marker=marker, color=color, label=status)
+        if numeric and min(raw) > 0 and max(raw) / min(raw) >= 20:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set(xlabel=key, ylabel=metric)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    fig.suptitle(f"{metric} (last epoch of each trial) vs the searched hyperparameters")
     fig.tight_layout()
     return fig
 

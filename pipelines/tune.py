@@ -1,0 +1,389 @@
+"""Hyperparameter sweeps on Ray Tune: one TorchTrainer per trial, ASHA early stopping, MLflow lineage.
+
+    python -m pipelines.tune --config pipelines/configs/quickstart.yaml --space tune_spaces/sscl_priors.yaml \\
+        tune.name=priors tune.num_samples=8
+
+Each trial runs a driver function that starts its own Ray Train run (``trial-<trial id>``), whose
+per-epoch ``knn_top1`` Tune's ASHA scheduler compares. Rerunning the same command with the same
+``tune.name`` continues the sweep where it stopped. MLflow gets one parent run per sweep, a child
+run per trial, a table and a plot of all trials on the parent, and the best trial's encoder
+registered with the alias ``best-<tune.name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from pipelines import pretrain
+from sscl.config import Config, ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from sscl.search_space import SearchSpace, load_space, trial_values
+
+log = logging.getLogger("sscl.tune")
+SWEEP_TAG = "sscl.sweep"
+FINGERPRINT_TAG = "sscl.sweep_fingerprint"
+BEST_VERSION_TAG = "sscl.best_version"
+# Settings a rerun may change without making it a different sweep.
+RESUMABLE_KEYS = ("tune.max_concurrent_trials", "tune.max_failures", "tune.driver_cpus", "train.max_failures",
+                  "tracking.uri")
+
+
+# ---------------------------------------------------------------------------- the trial driver
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], eval_sets: dict[str, Any], parent_run_id: str,
+              uri: str, trials_path: str) -> None:
+    """One Tune trial: its own Ray Train run, which reports every epoch to Tune.
+
+    The Train run is named after the trial id, so a retried or restored trial resumes its own
+    checkpoints; its MLflow run is a child of the sweep's run.
+    """
+    import mlflow
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = trial_values(config["params"])
+    cfg = trial_config(from_dict(base), values, trial_id, trials_path)
+    run_id = pretrain.open_run(
+        cfg, uri, run_name=child_run_name(cfg, trial_id), params=values,
+        tags={"mlflow.parentRunId": parent_run_id, SWEEP_TAG: cfg.tune.name, "sscl.trial_id": trial_id},
+    )
+    pretrain.fit(cfg, run_id=run_id, uri=uri, eval_sets=eval_sets, callbacks=[TuneReportCallback()])
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+
+
+def trial_config(base: Config, values: dict[str, Any], trial_id: str, trials_path: str) -> Config:
+    """The pretraining config of one trial: the sweep's config, the sampled values, its own Train run."""
+    return apply_overrides(base, {**values, "train.run_name": f"trial-{trial_id}", "train.storage_path": trials_path})
+
+
+def child_run_name(cfg: Config, trial_id: str) -> str:
+    return f"{cfg.tune.name}-{trial_id}"
+
+
+# ---------------------------------------------------------------------------- sweep set-up
+
+
+def _fingerprint(cfg: Config, space: SearchSpace) -> str:
+    """Identifies what a sweep searches: a rerun under the same name must match it."""
+    settings = {k: v for k, v in flatten(cfg).items() if k not in RESUMABLE_KEYS}
+    text = json.dumps({"space": space.to_dict(), "config": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sweep_run(cfg: Config, space: SearchSpace, uri: str) -> str:
+    """The sweep's parent MLflow run; a rerun with a different config or space is refused."""
+    import mlflow
+
+    fingerprint = _fingerprint(cfg, space)
+    run_id = pretrain.open_run(cfg, uri, run_name=f"sweep-{cfg.tune.name}", params=flatten(cfg),
+                               tags={SWEEP_TAG: cfg.tune.name, FINGERPRINT_TAG: fingerprint})
+    client = mlflow.MlflowClient()
+    recorded = client.get_run(run_id).data.tags.get(FINGERPRINT_TAG)
+    if recorded != fingerprint:
+        raise ValueError(f"tune.name={cfg.tune.name!r} already names a sweep with a different config or search "
+                         f"space (MLflow run {run_id}); use a new tune.name to start another sweep")
+    client.log_text(run_id, yaml.safe_dump(space.to_dict(), sort_keys=False), "search_space.yaml")
+    return run_id
+
+
+def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as ``cluster`` (Ray resources) holds at once.
+
+    Raises:
+        ValueError: when not even one trial fits, naming what a trial needs.
+    """
+    cpus = cfg.tune.driver_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    cpus += cfg.augment.num_actors if cfg.augment.device == "cpu" else 0  # Ray Data actors take 1 CPU each
+    fits = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
+    need = f"{cpus:g} CPUs"
+    if cfg.scaling.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / cfg.scaling.num_workers))
+        need += f" and {cfg.scaling.num_workers} GPUs"
+    if fits < 1:
+        raise ValueError(f"one trial needs {need} (tune.driver_cpus + scaling.num_workers x scaling.cpus_per_worker "
+                         f"+ augment.num_actors) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
+                         f"{cluster.get('GPU', 0):g} GPUs")
+    return cfg.tune.max_concurrent_trials or fits
+
+
+def _search_alg(cfg: Config, space: SearchSpace, max_concurrent: int):
+    """Tune's random + grid generator (seeded) or an Optuna searcher, at most ``max_concurrent`` trials
+    at a time (the generator ignores ``TuneConfig.max_concurrent_trials``)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    choice = cfg.tune.search
+    gridded = space.has_grid or space.has_bundles
+    if choice == "auto":
+        try:
+            import optuna  # noqa: F401
+
+            choice = "random" if gridded else "optuna"
+        except ImportError:
+            choice = "random"
+    if choice == "random":
+        return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=max_concurrent)
+    if gridded:
+        raise ValueError("tune.search=optuna: the space has grid or bundle entries, which Optuna cannot sample; "
+                         "use tune.search=random")
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ValueError("tune.search=optuna needs the optuna extra: pip install -e '.[optuna]'") from None
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=max_concurrent)
+
+
+def _param_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    samplers = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
+                "quniform": lambda a: tune.quniform(*a), "choice": lambda a: tune.choice(list(a)),
+                "grid": lambda a: tune.grid_search(list(a)), "fixed": lambda a: a[0]}
+    return {"params": {p.key: samplers[p.kind](p.args) for p in space.params}}
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Runs (or continues) the sweep ``tune.name``; registers the best trial's encoder.
+
+    Args:
+        cfg: the sweep's starting config (a preset plus overrides) with its ``tune`` section.
+        space: the validated search space.
+        preset, overrides: how ``cfg`` was given, to print the best trial as a ready command.
+
+    Returns:
+        ``best`` (trial id, values, metric, registered version), ``trials`` (one row per trial),
+        ``run_id`` (the sweep's MLflow run) and ``command`` (the best trial as a pretrain command).
+    """
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    started = time.perf_counter()
+    uri, eval_sets = pretrain.prepare(cfg)
+    parent = _sweep_run(cfg, space, uri)
+    client = mlflow.MlflowClient()
+    done = client.get_run(parent).data.tags.get(BEST_VERSION_TAG)
+    pretrain.init_ray()
+    storage = pretrain.storage_path(cfg.train.storage_path) or str(Path("~/ray_results").expanduser())
+    experiment = f"{storage.rstrip('/')}/{cfg.tune.name}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=to_dict(cfg), eval_sets=eval_sets, parent_run_id=parent, uri=uri,
+                             trials_path=f"{experiment}-trials"),
+        {"CPU": cfg.tune.driver_cpus},
+    )
+    if tune.Tuner.can_restore(experiment):
+        print(f"continuing sweep {cfg.tune.name!r} from {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        mode = "max" if cfg.tune.metric == "knn_top1" else "min"
+        at_once = concurrent_trials(cfg, ray.cluster_resources())
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
+                                   reduction_factor=cfg.tune.reduction_factor)
+                     if cfg.tune.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(space),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=mode, num_samples=cfg.tune.num_samples,
+                                        scheduler=scheduler, search_alg=_search_alg(cfg, space, at_once)),
+            run_config=tune.RunConfig(
+                name=cfg.tune.name, storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            ),
+        )
+    grid = tuner.fit()
+    rows = _rows(cfg, grid, space)
+    _close_child_runs(cfg, rows, uri)
+    finished = [r for r in rows if r["status"] != "failed" and r.get(cfg.tune.metric) is not None]
+    if not finished:
+        raise RuntimeError(f"sweep {cfg.tune.name!r}: every trial failed; first error: {rows[0]['error'] if rows else '-'}")
+    best = (max if cfg.tune.metric == "knn_top1" else min)(finished, key=lambda r: r[cfg.tune.metric])
+    command = best_command(cfg, best["values"], preset, overrides)
+    _log_summary(parent, rows, space, cfg.tune.metric, best)
+    print(trials_table(rows, space.searched_keys, cfg.tune.metric))
+    if done is None:
+        version = _register_best(cfg, best, eval_sets, uri, parent, started)
+        client.set_tag(parent, BEST_VERSION_TAG, str(version))
+        client.set_terminated(parent, "FINISHED")
+    else:
+        version = done
+        print(f"sweep {cfg.tune.name!r} had already finished; its best encoder is version {version}")
+    print(f"best trial {best['trial_id']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f}; train it in full with:\n"
+          f"  {command}")
+    return {"best": {**best, "version": version}, "trials": rows, "run_id": parent, "command": command}
+
+
+def _rows(cfg: Config, grid, space: SearchSpace) -> list[dict[str, Any]]:
+    """One row per trial: id, status, sampled values, last metrics, where its checkpoint is."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        values = trial_values((result.config or {}).get("params", {}))
+        epoch = int(metrics.get("epoch", 0) or 0)
+        if result.error is not None:
+            status = "failed"
+        else:
+            status = "finished" if epoch >= cfg.train.epochs else "stopped early"
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        history = result.metrics_dataframe
+        best_so_far = None
+        if history is not None and cfg.tune.metric in history:
+            series = history[cfg.tune.metric].dropna()
+            best_so_far = float(series.max() if cfg.tune.metric == "knn_top1" else series.min()) if len(series) else None
+        rows.append({
+            "trial_id": trial_id, "status": status, "epochs": epoch, "values": values,
+            "loss": metrics.get("loss"), "knn_top1": metrics.get("knn_top1"), f"best_{cfg.tune.metric}": best_so_far,
+            "checkpoint_path": metrics.get("checkpoint_path"), "error": str(result.error) if result.error else "",
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    """A trial that never reported has no metrics; its folder is named ``<trainable>_<trial id>_...``."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", Path(path or "").name)
+    return found.group(1) if found else "?"
+
+
+def _close_child_runs(cfg: Config, rows: list[dict[str, Any]], uri: str) -> None:
+    """Trials ASHA stopped or that failed end their MLflow runs as KILLED or FAILED, with a tag saying why."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    for row in rows:
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{pretrain.RUN_NAME_TAG}` = '{child_run_name(cfg, row['trial_id'])}'",
+                                  max_results=1)
+        if not runs:
+            continue
+        row["run_id"] = runs[0].info.run_id
+        client.set_tag(row["run_id"], "sscl.trial_status", row["status"])
+        status = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}[row["status"]]
+        if runs[0].info.status != status:
+            client.set_terminated(row["run_id"], status)
+
+
+def _register_best(cfg: Config, best: dict[str, Any], eval_sets: dict[str, Any], uri: str, parent: str,
+                   started: float) -> str | None:
+    """Final evaluation of the best trial's last checkpoint; registered as ``best-<tune.name>``."""
+    from ray.train import Checkpoint
+
+    trial_cfg = apply_overrides(cfg, best["values"])
+    model, history = pretrain.load_trained(trial_cfg, Checkpoint(best["checkpoint_path"]))
+    tags = {"sweep_run_id": parent, "sweep": cfg.tune.name, "trial_id": best["trial_id"],
+            **{f"param.{k}": str(v) for k, v in best["values"].items()}}
+    out = pretrain.finish(trial_cfg, model, history, eval_sets, best["run_id"], uri, started,
+                          aliases=[f"best-{cfg.tune.name}"], version_tags=tags)
+    return out["version"]
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _table_rows(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
+    header = ["trial", "status", "epochs", *keys, "loss", "knn_top1", f"best_{metric}"]
+    body = [[r["trial_id"], r["status"], str(r["epochs"]), *(_format(r["values"].get(k)) for k in keys),
+             _format(r["loss"]), _format(r["knn_top1"]), _format(r[f"best_{metric}"])] for r in rows]
+    return header, body
+
+
+def trials_table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
+    """The final trial table as aligned text."""
+    header, body = _table_rows(rows, keys, metric)
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
+
+
+def trials_csv(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
+    header, body = _table_rows(rows, keys, metric)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*header, "run_id", "error"])
+    for row, cells in zip(rows, body):
+        writer.writerow([*cells, row.get("run_id", ""), row["error"]])
+    return out.getvalue()
+
+
+def _log_summary(parent: str, rows: list[dict[str, Any]], space: SearchSpace, metric: str, best: dict[str, Any]) -> None:
+    import mlflow
+
+    from sscl.tracking import plot_sweep
+
+    client = mlflow.MlflowClient()
+    keys = space.searched_keys
+    client.log_text(parent, trials_csv(rows, keys, metric), "trials.csv")
+    client.log_figure(parent, plot_sweep(rows, keys, metric), "sweep.png")
+    client.log_metric(parent, f"best_{metric}", float(best[metric]))
+    for status in ("finished", "stopped early", "failed"):
+        client.log_metric(parent, f"trials_{status.replace(' ', '_')}", sum(r["status"] == status for r in rows))
+    client.set_tag(parent, "sscl.best_trial", best["trial_id"])
+    for key, value in best["values"].items():
+        client.set_tag(parent, f"best.{key}", str(value))
+
+
+def best_command(cfg: Config, values: dict[str, Any], preset: str | None, overrides: Sequence[str]) -> str:
+    """The best trial as a ``pipelines.pretrain`` command line (same preset and overrides)."""
+    if preset is None:  # no preset: every key that differs from the defaults
+        defaults = flatten(Config())
+        kept = [f"{k}={_format_value(v)}" for k, v in flatten(cfg).items()
+                if not k.startswith("tune.") and defaults[k] != v]
+    else:
+        kept = [o for o in overrides if not o.startswith("tune.") and o.split("=", 1)[0] not in values]
+    chosen = [f"{k}={_format_value(v)}" for k, v in values.items()]
+    parts = ["python", "-m", "pipelines.pretrain", *(["--config", preset] if preset else []), *kept, *chosen,
+             f"train.run_name={cfg.tune.name}-best"]
+    return shlex.join(parts)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset the sweep starts from")
+    parser.add_argument("--space", required=True, help="YAML search space, e.g. tune_spaces/sscl_priors.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        space = load_space(args.space, cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"python -m pipelines.tune: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg, space, preset=args.config, overrides=args.overrides)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
