@@ -1,6 +1,7 @@
 """The ``sscl`` console script: one entry point, a subcommand per pipeline.
 
     sscl pretrain --config pipelines/configs/quickstart.yaml [key=value ...]   # Ray Train + MLflow
+    sscl tune --config pipelines/configs/quickstart.yaml --space tune_spaces/sscl_priors.yaml tune.name=priors
     sscl evaluate --model models:/sscl-digits@champion --config ...
     sscl registry list|show|promote|embed ...
     sscl train-local --epochs 5          # == python -m pipelines.train_local (no Ray)
@@ -42,6 +43,12 @@ def _pretrain(argv: Sequence[str]) -> None:
     pretrain.cli(argv)
 
 
+def _tune(argv: Sequence[str]) -> None:
+    from pipelines import tune
+
+    tune.cli(argv)
+
+
 def _evaluate(argv: Sequence[str]) -> None:
     from pipelines import evaluate
 
@@ -56,6 +63,7 @@ def _registry(argv: Sequence[str]) -> None:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "pretrain": _pretrain,
+    "tune": _tune,
     "evaluate": _evaluate,
     "registry": _registry,
     "train-local": _train_local,

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import sys
@@ -109,7 +110,8 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
         ValueError: when not even one trial fits, naming what a trial needs.
     """
     cpus = cfg.tune.driver_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    cpus += cfg.augment.num_actors if cfg.augment.device == "cpu" else 0  # Ray Data actors take 1 CPU each
+    # Ray Data: 1 CPU per augmentation actor, and 1 for its read and shuffle tasks.
+    cpus += (cfg.augment.num_actors if cfg.augment.device == "cpu" else 0) + 1
     fits = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
     need = f"{cpus:g} CPUs"
     if cfg.scaling.use_gpu:
@@ -117,7 +119,7 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
         need += f" and {cfg.scaling.num_workers} GPUs"
     if fits < 1:
         raise ValueError(f"one trial needs {need} (tune.driver_cpus + scaling.num_workers x scaling.cpus_per_worker "
-                         f"+ augment.num_actors) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
+                         f"+ augment.num_actors + 1 for Ray Data tasks) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
                          f"{cluster.get('GPU', 0):g} GPUs")
     return cfg.tune.max_concurrent_trials or fits
 
@@ -178,6 +180,9 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     started = time.perf_counter()
+    # A trial ASHA stops is blocked inside its TorchTrainer.fit(), so Tune's graceful stop cannot end
+    # it; by default Tune waits 600 s before killing it, and its Train run keeps training meanwhile.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
     uri, eval_sets = pretrain.prepare(cfg)
     parent = _sweep_run(cfg, space, uri)
     client = mlflow.MlflowClient()
@@ -257,8 +262,9 @@ def _rows(cfg: Config, grid, space: SearchSpace) -> list[dict[str, Any]]:
 
 
 def _trial_id_from_path(path: str | None) -> str:
-    """A trial that never reported has no metrics; its folder is named ``<trainable>_<trial id>_...``."""
-    found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", Path(path or "").name)
+    """A trial that never reported has no metrics; its folder is ``run_trial_<trial id>_<index>_...``
+    (ids: ``ab12c_00003`` from the random/grid generator, ``ab12cd34`` from a searcher)."""
+    found = re.match(r"run_trial_([0-9a-f]+(?:_\d{5})?)_\d+", Path(path or "").name)
     return found.group(1) if found else "?"
 
 

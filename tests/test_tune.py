@@ -1,0 +1,143 @@
+"""Sweeps end to end on the offline digits: a real local Ray cluster, one TorchTrainer per trial,
+ASHA, MLflow parent/child runs on sqlite, the best encoder registered; an interrupted sweep resumes."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import QUICKSTART, quick_overrides
+from sscl.config import apply_overrides, load_config
+from sscl.search_space import load_space
+
+
+def sweep_args(tmp_path, name: str, *extra: str) -> list[str]:
+    return quick_overrides(tmp_path, f"tune.name={name}", "train.epochs=2", "scaling.num_workers=1",
+                           "tune.max_concurrent_trials=1", "tracking.model_name=sweep-encoder", *extra)
+
+
+def child_runs(client, parent_id: str):
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_sweep_stops_early_logs_parent_and_children_and_registers_the_best(tmp_path, ray_cluster, monkeypatch, capsys):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines import tune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # One learning rate that learns and two that barely move the encoder: in order, with one trial
+    # at a time, ASHA (grace 1 epoch, keep the top half) stops the weak ones after their first epoch.
+    (tmp_path / "space.yaml").write_text("optim.lr: {grid: [0.3, 0.0001, 0.0001]}\nloss.name: sscl\n")
+    args = sweep_args(tmp_path, "lr", "tune.num_samples=1", "tune.reduction_factor=2")
+    cfg = load_config(QUICKSTART, args)
+    space = load_space(tmp_path / "space.yaml", cfg)
+    out = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
+    printed = capsys.readouterr().out
+
+    rows = out["trials"]
+    assert len(rows) == 3 and {r["status"] for r in rows} <= {"finished", "stopped early"}
+    assert sum(r["status"] == "stopped early" for r in rows) >= 1
+    assert all(r["epochs"] == (2 if r["status"] == "finished" else 1) for r in rows)
+    best = out["best"]
+    assert best["values"] == {"optim.lr": 0.3, "loss.name": "sscl"} and best["status"] == "finished"
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    parent = client.get_run(out["run_id"])
+    assert parent.data.tags["sscl.sweep"] == "lr" and parent.info.status == "FINISHED"
+    assert {"trials.csv", "sweep.png", "search_space.yaml", "config.yaml"} <= {a.path for a in client.list_artifacts(out["run_id"])}
+    table = mlflow.artifacts.load_text(f"runs:/{out['run_id']}/trials.csv").splitlines()
+    assert table[0].startswith("trial,status,epochs,optim.lr,loss.name,loss,knn_top1") and len(table) == 4
+    children = child_runs(client, out["run_id"])
+    assert len(children) == 3
+    for child in children:
+        row = next(r for r in rows if r["run_id"] == child.info.run_id)
+        assert float(child.data.params["optim.lr"]) == row["values"]["optim.lr"]
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "knn_top1"))
+        assert steps == list(range(1, row["epochs"] + 1))  # every epoch it ran, once
+        assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
+
+    # The best trial's encoder: registered with its alias, params and the sweep's run id.
+    version = client.get_model_version_by_alias("sweep-encoder", "best-lr")
+    assert str(version.version) == str(best["version"])
+    assert version.tags["sweep_run_id"] == out["run_id"] and version.tags["param.optim.lr"] == "0.3"
+    assert version.run_id == best["run_id"]
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    encoder = mlflow.pytorch.load_model("models:/sweep-encoder@best-lr")
+    assert encoder(torch.randn(4, 3, 32, 32)).shape == (4, 64)
+
+    # The live table and the final one went to stdout; the printed command reproduces the best trial.
+    assert "Trial status:" in printed and "stopped early" in printed
+    assert out["command"] in printed
+    words = shlex.split(out["command"])
+    assert words[:5] == ["python", "-m", "pipelines.pretrain", "--config", str(QUICKSTART)]
+    rebuilt = load_config(words[4], words[5:])
+    assert rebuilt.optim.lr == 0.3 and rebuilt.train.run_name == "lr-best"
+    trained = apply_overrides(rebuilt, {"train.run_name": cfg.train.run_name})
+    assert replace(trained, tune=cfg.tune) == apply_overrides(cfg, best["values"])  # the command has no tune.* keys
+
+    # The same command again: the sweep is recognised as finished; nothing reruns or registers again.
+    again = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
+    assert again["run_id"] == out["run_id"] and str(again["best"]["version"]) == str(best["version"])
+    assert len(client.search_model_versions("name='sweep-encoder'")) == 1
+    assert len(child_runs(client, out["run_id"])) == 3
+    # A different space under the same sweep name is refused.
+    (tmp_path / "other.yaml").write_text("optim.lr: {grid: [0.1]}\n")
+    with pytest.raises(ValueError, match="tune.name='lr' already names a sweep"):
+        tune.main(cfg, load_space(tmp_path / "other.yaml", cfg))
+
+
+def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
+    import ray
+    from mlflow import MlflowClient
+
+    from pipelines import tune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text("optim.lr: {choice: [0.2, 0.3]}\n")
+    args = sweep_args(tmp_path, "resume", "tune.num_samples=2", "tune.scheduler=fifo")
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", str(QUICKSTART), "--space", str(tmp_path / "space.yaml"),
+           *args]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's cluster
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def epochs_logged() -> int:
+        try:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      filter_string="tags.`sscl.sweep` = 'resume'")
+        except Exception:  # noqa: BLE001 - the database may not exist yet
+            return 0
+        return sum(len(client.get_metric_history(r.info.run_id, "epoch")) for r in runs)
+
+    # Interrupt the driver once the first trial is done and the second has checkpointed an epoch.
+    deadline = time.monotonic() + 600
+    while epochs_logged() < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(5)  # Ray reaps the dead driver's trial actors and Train workers
+
+    cfg = load_config(QUICKSTART, args)
+    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), preset=str(QUICKSTART), overrides=args)
+    assert len(out["trials"]) == 2 and all(r["status"] == "finished" for r in out["trials"])
+    children = child_runs(client, out["run_id"])
+    assert len(children) == 2  # the same two trials, continued: none started over as a new trial
+    for child in children:
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "knn_top1")) == [1, 2]
+    assert str(client.get_model_version_by_alias("sweep-encoder", "best-resume").version) == "1"
