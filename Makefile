@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean cluster-up cluster-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,3 +30,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A Ray head and an MLflow server on 127.0.0.1 for trying `ray job submit` (README, "On a cluster").
+cluster-up: $(STAMP)
+	$(PY) -m pipelines.local_cluster up
+
+cluster-down: $(STAMP)
+	$(PY) -m pipelines.local_cluster down

@@ -28,13 +28,9 @@ def _benchmark(argv: Sequence[str]) -> None:
 
 
 def _config(argv: Sequence[str]) -> None:
-    from pipelines.config_cli import parse_config
+    from pipelines.config_cli import config_yaml, parse_config
 
-    import yaml
-
-    from sscl.config import to_dict
-
-    print(yaml.safe_dump(to_dict(parse_config(argv, prog="sscl config")), sort_keys=False), end="")
+    print(config_yaml(parse_config(argv, prog="sscl config")), end="")
 
 
 def _pretrain(argv: Sequence[str]) -> None:

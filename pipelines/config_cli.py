@@ -35,6 +35,15 @@ def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = ""
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(config_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, with any credentials in the tracking URI redacted."""
+    from sscl.tracking import redact_uri
+
+    tree = to_dict(cfg)
+    tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -10,6 +10,7 @@ checkpoint (and continues the same MLflow run) instead of starting over.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -19,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 
+from pipelines.config_cli import config_yaml
 from sscl.config import Config, flatten, from_dict, to_dict
 from sscl.data.augment import TwoViewAugment, normalize_images
 from sscl.data.sources import build_dataset, read_split
@@ -271,7 +272,7 @@ def open_run(cfg: Config, uri: str, *, run_name: str, params: dict[str, Any], ta
     run = client.create_run(experiment.experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     with mlflow.start_run(run_id=run.info.run_id):
         log_params(params)
-        mlflow.log_text(yaml.safe_dump(_redacted(cfg), sort_keys=False), "config.yaml")
+        mlflow.log_text(config_yaml(cfg), "config.yaml")
     client.update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
 
@@ -280,14 +281,6 @@ def _mlflow_run(cfg: Config, uri: str) -> str:
     """The run of ``train.run_name``, with every config key but the sweep's (``tune.*``) as params."""
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
     return open_run(cfg, uri, run_name=cfg.train.run_name, params=params)
-
-
-def _redacted(cfg: Config) -> dict[str, Any]:
-    from sscl.tracking import redact_uri
-
-    tree = to_dict(cfg)
-    tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
-    return tree
 
 
 def storage_path(path: str) -> str | None:
@@ -306,9 +299,10 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        # A local, in-process cluster. On small machines, more logical CPUs than cores keep the
-        # Train workers and the Ray Data actors from waiting on each other.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+        # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
+        # On small machines, more logical CPUs than cores keep the Train workers and the Ray Data
+        # actors from waiting on each other.
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
 
 
 def _augmented(cfg: Config, pretrain):
@@ -353,6 +347,8 @@ def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callba
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_resources(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    check_storage(cfg.train.storage_path)
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     pretrain = build_dataset(cfg.data, "pretrain")
@@ -368,13 +364,75 @@ def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callba
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name, storage_path=storage_path(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # controller_failure_limit: a worker group that cannot start (resources gone) fails the
+            # run after a few attempts (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) instead of for ever.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=2),
             callbacks=list(callbacks),
         ),
         datasets={"train": _augmented(cfg, pretrain)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()
+
+
+def check_resources(cfg: Config, nodes: Sequence[dict[str, float]]) -> None:
+    """Fails at once when ``scaling`` asks for more than the cluster's alive ``nodes`` hold.
+
+    Raises:
+        ValueError: naming the scaling keys, what they ask for and what the cluster has.
+    """
+    s = cfg.scaling
+    gpus = 1.0 if s.use_gpu else 0.0
+    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    # Workers are placed whole: count how many fit node by node.
+    fit = sum(min(math.floor(n.get("CPU", 0.0) / s.cpus_per_worker + 1e-9),
+                  math.floor(n.get("GPU", 0.0) / gpus) if gpus else 10**9) for n in nodes)
+    if fit < s.num_workers:
+        ask = f"{s.cpus_per_worker:g} CPU{' + 1 GPU' if gpus else ''}"
+        raise ValueError(
+            f"scaling.num_workers={s.num_workers} x ({ask}) (scaling.cpus_per_worker, scaling.use_gpu) does not fit: "
+            f"the cluster has {total_cpu:g} CPUs and {total_gpu:g} GPUs on {len(nodes)} node(s), room for {fit} "
+            "worker(s); lower scaling.num_workers / scaling.cpus_per_worker or add nodes"
+        )
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_storage(path: str) -> None:
+    """On a multi-node cluster, a local ``train.storage_path`` must be visible from every node.
+
+    A marker file written here is looked for by a task pinned to each alive node. URIs (s3://,
+    gs://, ...) pass; so does anything on one node.
+
+    Raises:
+        ValueError: naming the nodes that cannot see the path, and what to use instead.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2 or "://" in (path or ""):
+        return
+    root = Path(storage_path(path) or Path("~/ray_results").expanduser())
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".sscl-shared-{os.getpid()}-{time.time_ns()}"
+    marker.write_text("written by the driver: is this storage shared by every node?")
+    try:
+        probe = ray.remote(num_cpus=0)(_path_exists)
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(marker)) for n in nodes], timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"train.storage_path={path or '~/ray_results'!r} is local to this node: node(s) {', '.join(blind)} of this "
+            f"{len(nodes)}-node cluster cannot see it. Use storage every node shares: an NFS mount at the same path "
+            "on all nodes, or object storage (s3://bucket/path, gs://bucket/path)"
+        )
 
 
 def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, list[dict[str, float]]]:
@@ -432,6 +490,7 @@ def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]],
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
+    tracking.wait_for_tracking_server(uri)  # down mid-run: the metrics wait in ``history``
     pending = log_history(client, run_id, history)  # epochs rank 0 could not log while the server was down
     if pending:
         print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_URI", "CHAMPION", "EncoderForExport", "check_tracking_server", "log_encoder", "plot_curves",
-           "plot_similarity_histogram", "plot_sweep", "promote_if_better", "redact_uri", "resolve_tracking_uri"]
+           "plot_similarity_histogram", "plot_sweep", "promote_if_better", "redact_uri", "resolve_tracking_uri",
+           "wait_for_tracking_server"]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
@@ -56,6 +59,28 @@ def check_tracking_server(uri: str, *, timeout_s: float = 10.0) -> None:
             f"MLflow tracking server {redact_uri(uri)} is unreachable ({getattr(err, 'reason', err)}); start it or set "
             "MLFLOW_TRACKING_URI / tracking.uri"
         ) from None
+
+
+def wait_for_tracking_server(uri: str, *, timeout_s: float = 300.0, every_s: float = 5.0) -> None:
+    """Waits (bounded) for an HTTP tracking server that went away, saying so once.
+
+    Raises:
+        ConnectionError: if it is still unreachable after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            check_tracking_server(uri, timeout_s=every_s)
+            return
+        except ConnectionError as err:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"{err}; gave up after {timeout_s:.0f} s. The training is checkpointed: "
+                                      "rerun the same command once the server is back to log what is pending") from None
+            if not warned:
+                print(f"waiting up to {timeout_s:.0f} s for the tracking server: {err}", file=sys.stderr)
+                warned = True
+            time.sleep(every_s)
 
 
 # ---------------------------------------------------------------------------- plots

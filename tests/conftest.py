@@ -32,7 +32,7 @@ def ray_cluster():
     # More logical CPUs than cores: 2 Train workers and the augmentation actor must fit at once.
     # The dashboard stays on: Ray Train's placement-group cleaner asks it whether a run's controller
     # is gone, and without it every finished run keeps its workers' CPUs reserved.
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -43,26 +43,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts) that a test can stop
+    and start again on the same port and store."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+               "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
+               str(self.port), "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-           "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, 9)
-        pytest.fail("mlflow server did not start")
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server.uri
+    server.stop()
 
 
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -40,3 +40,12 @@ def test_missing_preset_and_unknown_command():
 def test_local_training_rejects_bad_batch_size_cleanly():
     out = run("train-local", "--batch-size", "100000", "--epochs", "1")
     assert out.returncode == 2 and "batch_size" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_printed_config_never_shows_tracking_credentials():
+    for command in (["config"], ["pretrain", "--print-config"]):
+        out = run(*command, "--config", "pipelines/configs/quickstart.yaml", "--print-config",
+                  "tracking.uri=https://alice:s3cret@mlflow.example.com")
+        assert out.returncode == 0, out.stderr
+        assert "s3cret" not in out.stdout and "alice" not in out.stdout
+        assert yaml.safe_load(out.stdout)["tracking"]["uri"] == "https://***@mlflow.example.com"
