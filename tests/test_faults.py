@@ -77,6 +77,8 @@ def test_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint(tmp_path, r
 
     def kill_a_worker_during_epoch_2() -> None:
         wait_for(lambda: logged_steps(uri, "worker-kill") == [1], what="epoch 1 to be checkpointed and logged")
+        # Into epoch 2, and past the controller's next poll: Ray Train has registered epoch 1's checkpoint.
+        time.sleep(4)
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         pid = workers[-1].pid
         os.kill(pid, signal.SIGKILL)
@@ -111,6 +113,7 @@ def test_driver_killed_mid_run_rerun_resumes_and_finishes(tmp_path, ray_cluster,
                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     wait_for(lambda: logged_steps(uri, "driver-kill") == [1] or driver.poll() is not None, what="epoch 1")
     assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    time.sleep(4)  # into epoch 2, once Ray Train has recorded epoch 1's checkpoint
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     time.sleep(5)  # Ray reaps the dead driver's Train controller and workers
