@@ -23,7 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +50,8 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, what: str, lo
         try:
             with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback http
                 return
+        except urllib.error.HTTPError:
+            return  # it answered (Ray's dashboard asks for the auth token: 401)
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s; see {log}")
@@ -75,9 +79,11 @@ def up(state: Path = STATE, *, ray_port: int = 6379, dashboard_port: int = 8265,
         raise RuntimeError(f"port(s) {taken} on {host} are in use; pass other --*-port values")
     state.mkdir(parents=True, exist_ok=True)
     cpus = num_cpus or max(4, os.cpu_count() or 1)  # small machines: more logical CPUs than cores
+    # Ray's session folder holds unix sockets, whose paths must stay under 108 bytes: a short one.
+    ray_temp = Path(tempfile.gettempdir()) / f"sscl-ray-{ray_port}"
     ray_cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(ray_port), "--node-ip-address", host,
                "--dashboard-host", host, "--dashboard-port", str(dashboard_port), "--num-cpus", str(cpus),
-               "--temp-dir", str(state / "ray"), "--disable-usage-stats"]
+               "--temp-dir", str(ray_temp), "--disable-usage-stats"]
     mlflow_cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state}/mlflow.db",
                   "--artifacts-destination", str(state / "mlartifacts"), "--host", host, "--port", str(mlflow_port),
                   "--workers", "1"]
@@ -94,6 +100,7 @@ def up(state: Path = STATE, *, ray_port: int = 6379, dashboard_port: int = 8265,
     except BaseException:
         down(state)
         raise
+    (state / "ray_temp_dir").write_text(str(ray_temp))  # Ray's logs stay there after `down`
     env = {"RAY_ADDRESS": f"http://{host}:{dashboard_port}", "RAY_AUTH_MODE": "token",
            "MLFLOW_TRACKING_URI": f"http://{host}:{mlflow_port}"}
     (state / "env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
@@ -108,7 +115,10 @@ def down(state: Path = STATE, timeout_s: float = 60) -> list[str]:
     stopped = []
     for name, pid in json.loads(record.read_text()).items():
         try:
-            os.killpg(pid, signal.SIGTERM)  # its own session: the server and the children it spawned
+            if name == "ray":
+                os.kill(pid, signal.SIGTERM)  # `ray start --block` drains the node and stops what it started
+            else:
+                os.killpg(pid, signal.SIGTERM)  # its own session: the server and its workers
         except ProcessLookupError:
             continue
         deadline = time.monotonic() + timeout_s
