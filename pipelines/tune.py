@@ -356,9 +356,13 @@ def best_command(cfg: Config, values: dict[str, Any], preset: str | None, overri
     if preset is None:  # no preset: every key that differs from the defaults
         defaults = flatten(Config())
         kept = [f"{k}={_format_value(v)}" for k, v in flatten(cfg).items()
-                if not k.startswith("tune.") and defaults[k] != v]
+                if not k.startswith("tune.") and defaults[k] != v and k not in values and k != "train.run_name"]
     else:
-        kept = [o for o in overrides if not o.startswith("tune.") and o.split("=", 1)[0] not in values]
+        kept = [o for o in overrides if not o.startswith("tune.") and o.split("=", 1)[0] not in values
+                and not o.startswith("train.run_name=")]
+    from sscl.tracking import redact_uri
+
+    kept = [f"tracking.uri={redact_uri(o.split('=', 1)[1])}" if o.startswith("tracking.uri=") else o for o in kept]
     chosen = [f"{k}={_format_value(v)}" for k, v in values.items()]
     parts = ["python", "-m", "pipelines.pretrain", *(["--config", preset] if preset else []), *kept, *chosen,
              f"train.run_name={cfg.tune.name}-best"]
