@@ -57,6 +57,28 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, what: str, lo
     raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s; see {log}")
 
 
+def _wait_for_jobs(address: str, timeout_s: float) -> None:
+    """Submits a no-op job until the head's job agent takes it: the dashboard answers before the
+    agent is up, and a `ray job submit` in between fails with "No available agent"."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head at {address} does not take jobs: {err}") from None
+            time.sleep(1)
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head at {address} did not run a no-op job within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def _bin(name: str) -> str:
     """The console script next to this interpreter (the project's venv), else from PATH."""
     local = Path(sys.executable).with_name(name)
@@ -97,6 +119,8 @@ def up(state: Path = STATE, *, ray_port: int = 6379, dashboard_port: int = 8265,
             health = (f"http://{host}:{dashboard_port}/api/version" if name == "ray"
                       else f"http://{host}:{mlflow_port}/health")
             _wait_http(health, 120, proc, " ".join(cmd[:2]), state / f"{name}.log")
+            if name == "ray":
+                _wait_for_jobs(f"http://{host}:{dashboard_port}", 120)
     except BaseException:
         down(state)
         raise

@@ -32,8 +32,9 @@ def ray_cluster():
     # More logical CPUs than cores: 2 Train workers and the augmentation actor must fit at once.
     # The dashboard stays on: Ray Train's placement-group cleaner asks it whether a run's controller
     # is gone, and without it every finished run keeps its workers' CPUs reserved.
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
-    yield
+    context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=free_port(),
+                       log_to_driver=False)
+    yield context
     ray.shutdown()
 
 

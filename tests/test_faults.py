@@ -79,7 +79,8 @@ def test_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint(tmp_path, r
         wait_for(lambda: logged_steps(uri, "worker-kill") == [1], what="epoch 1 to be checkpointed and logged")
         # Into epoch 2, and past the controller's next poll: Ray Train has registered epoch 1's checkpoint.
         time.sleep(4)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = list_actors(address=f"http://{ray_cluster.dashboard_url}",  # this test's cluster
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         pid = workers[-1].pid
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
