@@ -29,6 +29,9 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
+    def __reduce__(self):  # rebuilt from the problems, not the message, when it crosses processes (Ray)
+        return type(self), (self.problems,)
+
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
        lt: float | None = None, choices: Iterable[Any] | None = None) -> Any:

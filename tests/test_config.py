@@ -127,3 +127,11 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [key for key in flatten(Config()) if f"`{key}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_config_error_survives_pickling_with_its_problems():
+    import pickle
+
+    err = ConfigError(["loss.n_hard=64: must be <= 2 * data.batch_size - 2 = 38"])
+    again = pickle.loads(pickle.dumps(err))
+    assert again.problems == err.problems and str(again) == str(err)

@@ -141,3 +141,23 @@ def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
     for child in children:
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "knn_top1")) == [1, 2]
     assert str(client.get_model_version_by_alias("sweep-encoder", "best-resume").version) == "1"
+
+
+def test_a_failing_trial_is_retried_then_reported_and_the_sweep_goes_on(tmp_path, ray_cluster, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipelines import tune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # Each value is valid on its own, but a batch of 20 leaves room for only 38 hard negatives: that
+    # trial fails in its driver (every attempt), the other one trains.
+    (tmp_path / "space.yaml").write_text("data.batch_size: {grid: [20, 64]}\nloss.n_hard: 64\n")
+    args = sweep_args(tmp_path, "failing", "tune.num_samples=1", "train.epochs=1", "tune.max_failures=1")
+    cfg = load_config(QUICKSTART, args)
+    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg))
+    by_batch = {r["values"]["data.batch_size"]: r for r in out["trials"]}
+    assert by_batch[20]["status"] == "failed" and "loss.n_hard=64" in by_batch[20]["error"]
+    assert by_batch[64]["status"] == "finished" and out["best"]["values"]["data.batch_size"] == 64
+    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(out["run_id"])
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_finished"] == 1
