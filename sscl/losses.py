@@ -19,11 +19,12 @@ Papers:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,9 @@ class Mixing:
 # --------------------------------------------------------------------------- batch layout
 
 
+# --------------------------------------------------------------------------- batch layout
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Where this process's anchors sit in the (global) stacked batch.
@@ -74,6 +78,8 @@ class _Layout:
     Attributes:
         rows: (A,) global row index of each local anchor (A = 2 * local B).
         pos: (A,) global row index of each anchor's positive.
+        excluded: (2A,) flat indices into an (A, 2B) matrix of each anchor's own column, then of its
+            positive's column: the entries that are not real negatives.
         neg_bias: (A, 2B) float, 0 at the 2B - 2 real negatives of each anchor and -inf elsewhere.
         self_bias: (A, 2B) float, -inf at each anchor's own column and 0 elsewhere.
         n_rows: 2B, the number of rows of the global stacked batch.
@@ -82,6 +88,7 @@ class _Layout:
 
     rows: torch.Tensor
     pos: torch.Tensor
+    excluded: torch.Tensor
     neg_bias: torch.Tensor
     self_bias: torch.Tensor
     n_rows: int
@@ -93,17 +100,18 @@ def _layout(local_b: int, world: int, rank: int, device: torch.device, dtype: to
     # Built once per (batch size, rank, device): the training loop calls the loss with the same
     # shapes every step, so masks and indices are reused instead of rebuilt.
     global_b = local_b * world
+    n_rows = 2 * global_b
     local = torch.arange(local_b, device=device) + rank * local_b
     rows = torch.cat([local, local + global_b])  # (A,)
-    pos = (rows + global_b) % (2 * global_b)  # (A,)
-    cols = torch.arange(2 * global_b, device=device)  # (2B,)
-    self_mask = cols[None, :] == rows[:, None]  # (A, 2B)
-    neg_mask = ~self_mask & (cols[None, :] != pos[:, None])  # (A, 2B)
+    pos = (rows + global_b) % n_rows  # (A,)
+    row_start = torch.arange(rows.numel(), device=device) * n_rows  # (A,) flat offset of each row
+    excluded = torch.cat([row_start + rows, row_start + pos])  # (2A,)
     # Additive 0/-inf masks: adding one is ~10x cheaper on CPU than masked_fill with a bool mask.
-    zeros = torch.zeros(neg_mask.shape, dtype=dtype, device=device)
-    neg_bias = zeros.masked_fill(~neg_mask, -math.inf)
-    self_bias = zeros.masked_fill(self_mask, -math.inf)
-    return _Layout(rows, pos, neg_bias, self_bias, 2 * global_b, world > 1)
+    self_bias = torch.zeros((rows.numel(), n_rows), dtype=dtype, device=device)
+    neg_bias = self_bias.clone()
+    neg_bias.view(-1)[excluded] = -math.inf
+    self_bias.view(-1)[excluded[: rows.numel()]] = -math.inf
+    return _Layout(rows, pos, excluded, neg_bias, self_bias, n_rows, world > 1)
 
 
 def _world() -> tuple[int, int]:
@@ -127,83 +135,156 @@ def _stack(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
     return z, _layout(z1.shape[0] // world, world, rank, z.device, compute_dtype)
 
 
-@dataclass(frozen=True)
 class _Similarities:
-    """Detached similarity values of the local anchors, computed once per step.
+    """Detached similarities ``<Z_a, Z_j>`` of the local anchors, computed once per step.
+
+    ``values`` (A, 2B) holds -inf at each anchor's own column and its positive's, so that top-k and
+    the sums over real negatives need no mask; the original entries are kept aside and put back
+    only inside :meth:`unmasked`, for looking up similarities between arbitrary rows.
 
     Attributes:
         z_anchor: (A, D) the local anchors' rows of Z (the autograd inputs, with ``z``).
         z: (2B, D) global stacked views.
-        sim: (A, 2B) ``<Z_a, Z_j>`` values, no gradient.
-        neg: (A, 2B) ``sim`` with everything but the real negatives at -inf.
+        values: (A, 2B) similarities, -inf where ``j`` is not a real negative of ``a``.
+        positive: (A,) ``<Z_a, Z_p(a)>``.
     """
 
-    z_anchor: torch.Tensor
-    z: torch.Tensor
-    sim: torch.Tensor
-    neg: torch.Tensor
+    def __init__(self, z: torch.Tensor, layout: _Layout) -> None:
+        self.z_anchor = z[layout.rows] if layout.distributed else z
+        self.z, self._excluded = z, layout.excluded
+        with torch.no_grad():  # the gradient is attached by _NegativeTerms
+            values = (self.z_anchor @ z.T).to(layout.neg_bias.dtype)  # (A, 2B)
+            self._excluded_values = values.view(-1)[layout.excluded]  # (2A,): self, then positive
+            values.view(-1)[layout.excluded] = -math.inf
+        self.values = values
+        self.positive = self._excluded_values[layout.rows.numel() :]
+
+    @contextlib.contextmanager
+    def unmasked(self) -> Iterator[torch.Tensor]:
+        """Yields ``values`` with the excluded entries restored, masking them again on exit."""
+        flat = self.values.view(-1)
+        flat[self._excluded] = self._excluded_values
+        try:
+            yield self.values
+        finally:
+            flat[self._excluded] = -math.inf
 
 
-def _similarities(z: torch.Tensor, layout: _Layout) -> _Similarities:
-    z_anchor = z[layout.rows] if layout.distributed else z
-    with torch.no_grad():
-        sim = (z_anchor @ z.T).to(layout.neg_bias.dtype)  # (A, 2B); the gradient is attached below
-        neg = sim + layout.neg_bias
-    return _Similarities(z_anchor, z, sim, neg)
+@dataclass(frozen=True)
+class _Synthetic:
+    """Similarities of the anchors to their synthetic negatives, as linear maps of real ones.
+
+    Attributes:
+        values: (A, K) ``<Z_a, h_ak>``, no gradient.
+        parents: per parent (one for copy, two for mix), ``(index, weight)``: index (A, K) locates
+            the parent (a column of ``table``, or a global row when ``table`` is None) and weight
+            (A, K) is ``d values / d <Z_a, Z_parent>`` with the parents held fixed (None for 1).
+        table: (A, P) global rows of each anchor's hard pool, or None.
+    """
+
+    values: torch.Tensor
+    parents: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    table: torch.Tensor | None
 
 
-class _NegativeTerms(torch.autograd.Function):
-    """The (A, 2B)-sized part of the loss, with a hand-written backward.
+class _DebiasedHardLoss(torch.autograd.Function):
+    """Per-anchor ``-log(pos / (pos + Ng))`` of ``method.md`` step 3, with a hand-written backward.
 
-    Returns, per anchor, ``s_pos / t``, ``log sum_v exp((1 + beta) s_v / t)`` and
-    ``log sum_v exp(beta s_v / t)`` over ``V_a`` = the real negatives plus the synthetic ones. A
-    synthetic similarity is ``sum_g weights[a, g, k] * sim[a, cols[a, g, k]]`` (its parents are
-    detached, so its gradient reaches only the anchor). Autograd through the same steps would
-    recompute every exp in the backward and add a transposed (2B, 2B) copy; here the forward's exps
-    are reused and the matmuls are the three of a plain ``Z @ Z.T``.
+    With ``N = 2B - 2 + K``, ``w_v = exp(beta s_v / t)`` and ``e_v = exp(s_v / t)`` over ``V_a`` (the
+    real negatives plus the synthetic ones): ``R = N sum(w e) / sum(w)``,
+    ``Ng = max((R - tau_plus N pos) / (1 - tau_plus), N exp(-1/t))``, all in log space. Every exp is
+    taken once and shifted by the anchor's largest negative similarity; the backward reuses them
+    (in place) and needs only the three matmuls of a plain ``Z @ Z.T``. A synthetic similarity is a
+    fixed combination of real ones (its parents are detached), so its gradient reaches the anchor
+    only. Autograd through the same steps would recompute the exps, add transposed (2B, 2B) copies
+    and some fifty small ops, which dominate at small batches.
     """
 
     @staticmethod
-    def forward(ctx, z_anchor, z, sim, neg, pos, cols, weights, temperature, beta):  # noqa: D102
+    def forward(ctx, z_anchor, z, sims, row_max, synthetic, pos, temperature, beta, tau_plus):  # noqa: D102
         inv_t = 1.0 / temperature
-        syn = (weights * sim.gather(1, cols.flatten(1)).view_as(weights)).sum(dim=1)  # (A, K)
-        shift = neg.amax(dim=1, keepdim=True)  # (A, 1), keeps every exponent <= 0
-        if syn.shape[1]:
-            shift = torch.maximum(shift, syn.amax(dim=1, keepdim=True))
-        d = (neg - shift).mul_(inv_t)  # (A, 2B), -inf off the negatives
-        d_syn = (syn - shift).mul_(inv_t)  # (A, K)
-        e_w, e_w_syn = torch.exp(d * (1.0 + beta)), torch.exp(d_syn * (1.0 + beta))  # w * e / row const
-        sum_we = e_w.sum(dim=1) + e_w_syn.sum(dim=1)  # >= 1: the shift's own term is exp(0)
-        lse_we = torch.log(sum_we) + shift.squeeze(1) * ((1.0 + beta) * inv_t)
-        n_neg = neg.shape[1] - 2 + syn.shape[1]
+        n_neg = sims.values.shape[1] - 2  # N
+        shift = row_max  # (A,): keeps every exponent <= 0
+        if synthetic is not None:
+            n_neg += synthetic.values.shape[1]
+            shift = torch.maximum(shift, synthetic.values.amax(dim=1))
+        d = sims.values.sub_(shift[:, None])  # (A, 2B), -inf off the real negatives; sims is spent
+        d_syn = synthetic.values - shift[:, None] if synthetic is not None else None  # (A, K)
+
+        def exp_sum(coef: float, last: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            # exp(coef * (s_v - shift) / t) and its row sum (>= 1: the shift's own term is exp(0));
+            # the last call reuses d's storage.
+            scale = coef * inv_t
+            e = d.mul_(scale).exp_() if last else (d * scale).exp_()
+            total = e.sum(dim=1)
+            if d_syn is None:
+                return e, None, total
+            e_syn = (d_syn * scale).exp_()
+            return e, e_syn, total.add_(e_syn.sum(dim=1))
+
+        w = w_syn = sum_w = None
         if beta:
-            w, w_syn = d.mul_(beta).exp_(), d_syn.mul_(beta).exp_()  # reuse d's storage
-            sum_w = w.sum(dim=1) + w_syn.sum(dim=1)
-            lse_w = torch.log(sum_w) + shift.squeeze(1) * (beta * inv_t)
+            w, w_syn, sum_w = exp_sum(beta, last=False)
+        we, we_syn, sum_we = exp_sum(1.0 + beta, last=True)
+        log_pos = sims.positive * inv_t
+        # log R = log N + log sum(w e) - log sum(w); sum(w) = N without hardness weights.
+        log_r = torch.log(sum_we).add_(shift * inv_t)
+        if beta:
+            log_r = log_r.sub_(torch.log(sum_w)).add_(math.log(n_neg))
+        log_floor = math.log(n_neg) - inv_t
+        x = None
+        if tau_plus > 0:
+            # log Ng = log R + log(1 - tau N pos / R) - log(1 - tau); x = log(tau N pos / R) >= 0
+            # means R - tau N pos <= 0 and Ng falls to the floor (log(0) = -inf below).
+            x = (log_pos - log_r).add_(math.log(tau_plus * n_neg)).clamp_max_(0.0)
+            debiased = log_r + torch.log(-torch.expm1(x)) - math.log1p(-tau_plus)
         else:
-            w = w_syn = sum_w = torch.empty(0, device=sim.device)
-            lse_w = torch.full_like(lse_we, math.log(n_neg))  # N unit weights
-        log_pos = sim.gather(1, pos[:, None]).squeeze(1) * inv_t
-        ctx.save_for_backward(z_anchor, z, e_w, e_w_syn, sum_we, w, w_syn, sum_w, pos, cols, weights)
-        ctx.temperature, ctx.beta = temperature, beta
-        return log_pos, lse_we, lse_w
+            debiased = log_r
+        margin = debiased.clamp_min(log_floor).sub_(log_pos)  # log Ng - log pos
+        ctx.save_for_backward(z_anchor, z, we, we_syn, sum_we, w, w_syn, sum_w, pos, debiased, margin, x)
+        ctx.synthetic, ctx.log_floor = synthetic, log_floor
+        ctx.temperature, ctx.beta, ctx.spent = temperature, beta, False
+        return F.softplus(margin)  # -log(pos / (pos + Ng))
 
     @staticmethod
-    def backward(ctx, grad_pos, grad_we, grad_w):  # noqa: D102
-        z_anchor, z, e_w, e_w_syn, sum_we, w, w_syn, sum_w, pos, cols, weights = ctx.saved_tensors
-        t, beta = ctx.temperature, ctx.beta
-        # d lse / d s_v = scale / t * (the forward's softmax over v).
-        c_we = (grad_we * ((1.0 + beta) / t) / sum_we)[:, None]  # (A, 1)
-        grad = e_w * c_we  # (A, 2B)
-        grad_syn = e_w_syn * c_we  # (A, K)
+    def backward(ctx, grad_loss):  # noqa: D102
+        if ctx.spent:
+            raise RuntimeError(
+                "the contrastive loss supports one backward pass per forward (its backward reuses the "
+                "forward's buffers); compute the loss again to differentiate it again"
+            )
+        ctx.spent = True
+        z_anchor, z, we, we_syn, sum_we, w, w_syn, sum_w, pos, debiased, margin, x = ctx.saved_tensors
+        synthetic, t, beta = ctx.synthetic, ctx.temperature, ctx.beta
+        grad_margin = torch.sigmoid(margin).mul_(grad_loss)  # (A,)
+        # d log Ng / d log R (0 on the floor); d log Ng / d log pos = 1 - that off the floor.
+        active = debiased > ctx.log_floor
+        if x is not None:
+            d_log_r = torch.where(active, -1.0 / torch.expm1(x), 0.0)  # 1 / (1 - tau N pos / R)
+            grad_log_pos = (d_log_r + 1.0 - active.to(d_log_r.dtype)).mul_(grad_margin).neg_()
+        else:
+            d_log_r = active.to(grad_margin.dtype)
+            grad_log_pos = -grad_margin
+        grad_log_r = d_log_r.mul_(grad_margin)
+        # d log sum_v exp(c s_v / t) / d s_v = c / t * exp(c (s_v - shift) / t) / sum: the saved exps.
+        grad = we.mul_((grad_log_r * ((1.0 + beta) / t) / sum_we)[:, None])  # (A, 2B), in place
+        c_w = None
         if beta:
-            c_w = (grad_w * (beta / t) / sum_w)[:, None]
+            c_w = (grad_log_r * (-beta / t) / sum_w)[:, None]
             grad.addcmul_(w, c_w)
-            grad_syn.addcmul_(w_syn, c_w)
-        grad.scatter_add_(1, pos[:, None], (grad_pos / t)[:, None])
+        grad.scatter_add_(1, pos[:, None], (grad_log_pos / t)[:, None])
         grad_z = grad.T.to(z.dtype) @ z_anchor  # (2B, D): the anchors' partners
-        if grad_syn.shape[1]:  # detached parents: the synthetic terms reach the anchor only
-            grad.scatter_add_(1, cols.flatten(1), (weights * grad_syn[:, None, :]).flatten(1))
+        if synthetic is not None:  # detached parents: the synthetic terms reach the anchor only
+            grad_syn = we_syn.mul_((grad_log_r * ((1.0 + beta) / t) / sum_we)[:, None])  # (A, K)
+            if beta:
+                grad_syn.addcmul_(w_syn, c_w)
+            # Accumulated per pool member first: a small (A, P) target instead of (A, 2B).
+            table = synthetic.table
+            target = grad if table is None else torch.zeros(table.shape, dtype=grad.dtype, device=grad.device)
+            for index, weight in synthetic.parents:
+                target.scatter_add_(1, index, grad_syn if weight is None else weight * grad_syn)
+            if table is not None:
+                grad.scatter_add_(1, table, target)
         grad_anchor = grad.to(z.dtype) @ z  # (A, D)
         return grad_anchor, grad_z, None, None, None, None, None, None, None
 
@@ -279,6 +360,8 @@ def nt_xent(
     return F.cross_entropy(logits, layout.pos, reduction=reduction)
 
 
+
+
 def _debiased_hard_loss(
     sims: _Similarities,
     layout: _Layout,
@@ -286,41 +369,25 @@ def _debiased_hard_loss(
     temperature: float,
     beta: float,
     tau_plus: float,
-    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
+    synthetic: _Synthetic | None = None,
+    row_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-anchor ``-log(pos / (pos + Ng))`` of ``method.md`` step 3, in log space.
+    """Per-anchor ``-log(pos / (pos + Ng))`` of ``method.md`` step 3 (consumes ``sims``).
 
     Args:
-        sims: similarity values of the local anchors.
-        layout: where the anchors, positives and real negatives are.
-        synthetic: ``(cols, weights)``, each (A, G, K): synthetic negative k of anchor a has
-            similarity ``sum_g weights[a, g, k] * sim[a, cols[a, g, k]]``; None for K = 0.
+        sims: similarities of the local anchors.
+        layout: where the anchors and positives are.
+        synthetic: the synthetic negatives; None for K = 0.
+        row_max: (A,) largest real-negative similarity per anchor, when already known.
 
     Returns:
         (A,) per-anchor loss.
     """
-    if synthetic is None:
-        empty = torch.empty((layout.rows.numel(), 1, 0), device=sims.sim.device)
-        synthetic = (empty.long(), empty.to(sims.sim.dtype))
-    cols, weights = synthetic
-    log_pos, log_we, log_w = _NegativeTerms.apply(
-        sims.z_anchor, sims.z, sims.sim, sims.neg, layout.pos, cols, weights, temperature, beta
+    if row_max is None:
+        row_max = sims.values.amax(dim=1)
+    return _DebiasedHardLoss.apply(
+        sims.z_anchor, sims.z, sims, row_max, synthetic, layout.pos, temperature, beta, tau_plus
     )
-    n_neg = layout.n_rows - 2 + cols.shape[2]  # N
-    # log R = log N + log sum(w e) - log sum(w), w = exp(beta s / t).
-    log_r = math.log(n_neg) + log_we - log_w
-    # log Ng = max(log(R - tau N pos) - log(1 - tau), log N - 1/t), with R - tau N pos > 0 guarded.
-    log_floor = math.log(n_neg) - 1.0 / temperature
-    if tau_plus > 0:
-        x = math.log(tau_plus * n_neg) + log_pos - log_r  # log(tau N pos / R)
-        valid = x < 0
-        x_safe = torch.where(valid, x, torch.full_like(x, -1.0))
-        debiased = log_r + torch.log(-torch.expm1(x_safe)) - math.log1p(-tau_plus)
-        debiased = torch.where(valid, debiased, torch.full_like(debiased, -math.inf))
-    else:
-        debiased = log_r
-    log_ng = torch.clamp(debiased, min=log_floor)
-    return F.softplus(log_ng - log_pos)  # -log(pos / (pos + Ng))
 
 
 def dcl_loss(
@@ -373,39 +440,84 @@ def hcl_loss(
     _check_views(z1, z2)
     _check_hyper(temperature, beta, tau_plus, reduction)
     z, layout = _stack(z1, z2)
-    sims = _similarities(z, layout)
+    sims = _Similarities(z, layout)
     per_anchor = _debiased_hard_loss(sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus)
     return _reduce(per_anchor, reduction)
 
 
-def _hard_pool(sims: _Similarities, n_hard: int) -> torch.Tensor:
-    """(A, n_hard) global row indices of each anchor's most similar real negatives (detached)."""
-    return sims.neg.topk(n_hard, dim=1, sorted=False).indices
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x (A, n): ``x.topk(k, dim=1, sorted=False)``, exactly.
+
+    When k is small against n it takes two cheaper passes. The columns are dealt into m blocks
+    (block b = columns b, b + m, b + 2m, ...; s = ceil(n / m) ~ sqrt(n / k) per block). Let tau be
+    the k-th largest block maximum: the k blocks with the largest maxima hold k entries >= tau, so
+    every top-k entry is >= tau, and an entry above tau lies in a block whose maximum is above tau,
+    one of those k. The top k of their k * s entries is therefore a top k of the row (ties at tau
+    aside, which topk also breaks arbitrarily), found by ranking m + k * s entries instead of n.
+
+    Returns:
+        values, indices: each (A, k), in no particular order.
+    """
+    n = x.shape[1]
+    s = math.isqrt(n // k) if k else 0
+    if s < 3:  # too few blocks to pay for the extra pass
+        return x.topk(k, dim=1, sorted=False)
+    m = -(-n // s)  # blocks; the last slice of m columns may be short
+    block_max = x[:, :m].clone()  # (A, m)
+    for i in range(1, s):
+        part = x[:, i * m : (i + 1) * m]
+        head = block_max[:, : part.shape[1]]
+        torch.maximum(head, part, out=head)
+    blocks = block_max.topk(k, dim=1, sorted=False).indices  # (A, k)
+    cols = (blocks[:, :, None] + torch.arange(0, s * m, m, device=x.device)).flatten(1)  # (A, k * s)
+    if s * m > n:  # columns past the short last slice are no candidates
+        candidates = x.gather(1, cols.clamp_max(n - 1)).masked_fill_(cols >= n, -math.inf)
+    else:
+        candidates = x.gather(1, cols)
+    values, picked = candidates.topk(k, dim=1, sorted=False)
+    return values, cols.gather(1, picked)
 
 
 _DRAW_BITS = 21  # bits per field of one 63-bit draw: j1, j2 and alpha
 
 
-def _draw_from_pool(
-    pool: torch.Tensor, n_synthetic: int, generator: torch.Generator | None, dtype: torch.dtype
-) -> Mixing:
+@dataclass(frozen=True)
+class _Draw:
+    """``method.md`` steps 1-2 for each anchor: its hard pool and K parent pairs drawn from it.
+
+    Attributes:
+        pool: (A, n_hard) global rows of the anchor's most similar real negatives, in no order.
+        pool_sims: (A, n_hard) their similarities to the anchor.
+        picks: (2, A, K) positions in the pool of ``j1`` and of ``j2``.
+        alpha: (A, K) weights of ``j1``.
+    """
+
+    pool: torch.Tensor
+    pool_sims: torch.Tensor
+    picks: torch.Tensor
+    alpha: torch.Tensor
+
+
+def _draw(sims: _Similarities, n_hard: int, n_synthetic: int, generator: torch.Generator | None) -> _Draw:
     """Uniform draws with replacement from each anchor's pool, and ``alpha ~ U[0, 1)``.
 
     One 63-bit random integer per synthetic negative supplies all three values (21 bits each):
     a third of the generator calls of three separate draws, which dominate at large K on CPU. A
-    pool index is ``floor(r * n_hard / 2^21)``: uniform up to a relative bias below
+    pool position is ``floor(r * n_hard / 2^21)``: uniform up to a relative bias below
     ``n_hard / 2^21``; alpha has a resolution of ``2^-21``.
     """
-    n_anchors, n_hard = pool.shape
-    draw_device = generator.device if generator is not None else pool.device
-    bits = torch.empty((n_anchors, 1, n_synthetic), dtype=torch.int64, device=draw_device)
-    bits = bits.random_(generator=generator).to(pool.device)  # uniform on [0, 2^63)
-    shifts = torch.tensor([0, _DRAW_BITS, 2 * _DRAW_BITS], device=pool.device)[None, :, None]
-    fields = (bits >> shifts) & ((1 << _DRAW_BITS) - 1)  # (A, 3, K)
-    picks = (fields[:, :2] * n_hard) >> _DRAW_BITS  # (A, 2, K) positions in the pool
-    parents = pool.gather(1, picks.flatten(1)).view_as(picks)  # (A, 2, K)
-    alpha = fields[:, 2].to(dtype) * 2.0**-_DRAW_BITS
-    return Mixing(parents[:, 0], parents[:, 1], alpha)
+    pool_sims, pool = _top_k(sims.values, n_hard)  # (A, n_hard) each
+    n_anchors, device = pool.shape[0], pool.device
+    draw_device = generator.device if generator is not None else device
+    bits = torch.empty((n_anchors, n_synthetic), dtype=torch.int64, device=draw_device)
+    bits = bits.random_(generator=generator).to(device)  # uniform on [0, 2^63)
+    field = (1 << _DRAW_BITS) - 1
+    picks = torch.empty((2, n_anchors, n_synthetic), dtype=torch.int64, device=device)
+    torch.bitwise_and(bits, field, out=picks[0])
+    torch.bitwise_right_shift(bits, _DRAW_BITS, out=picks[1]).bitwise_and_(field)
+    picks.mul_(n_hard).bitwise_right_shift_(_DRAW_BITS)
+    alpha = bits.bitwise_right_shift_(2 * _DRAW_BITS).to(pool_sims.dtype).mul_(2.0**-_DRAW_BITS)
+    return _Draw(pool, pool_sims, picks, alpha)
 
 
 def draw_mixing(
@@ -435,35 +547,53 @@ def draw_mixing(
     with torch.no_grad():
         z, layout = _stack(z1.detach(), z2.detach())
         _check_synthetic(n_hard, n_synthetic, "mix", layout.n_rows)
-        sims = _similarities(z, layout)
-        return _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
+        draw = _draw(_Similarities(z, layout), n_hard, n_synthetic, generator)
+        return Mixing(draw.pool.gather(1, draw.picks[0]), draw.pool.gather(1, draw.picks[1]), draw.alpha)
 
 
-def _synthetic_terms(
-    sims: _Similarities, layout: _Layout, mixing: Mixing, mode: Mode
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def _synthetic(
+    sims: _Similarities,
+    layout: _Layout,
+    mode: Mode,
+    alpha: torch.Tensor,
+    parents: tuple[torch.Tensor, torch.Tensor],
+    draw: _Draw | None = None,
+) -> _Synthetic:
     """Expresses ``<Z_a, h>`` for every synthetic negative through entries of the similarity matrix.
 
-    For unit rows, ``||alpha x + (1 - alpha) y||^2 = alpha^2 + (1 - alpha)^2 + 2 alpha (1 - alpha)
-    <x, y>``, so ``<Z_a, h> = (alpha s(a, j1) + (1 - alpha) s(a, j2)) / ||.||``: no (A, K, D) tensor.
+    For unit rows, ``||alpha x + (1 - alpha) y||^2 = 1 - 2 alpha (1 - alpha) (1 - <x, y>)``, so
+    ``<Z_a, h> = (alpha s(a, j1) + (1 - alpha) s(a, j2)) / ||.||``: no (A, K, D) tensor.
 
-    Returns:
-        cols, weights: each (A, G, K), G = 1 for copy and 2 for mix.
+    Args:
+        alpha: (A, K) weights of j1.
+        parents: (j1, j2), each (A, K): global rows, or positions in ``draw.pool`` when drawn.
+        draw: the draw the parents come from, if any.
     """
-    j1, j2, alpha = mixing
-    if mode == "copy":
-        return j1[:, None, :], torch.ones_like(j1[:, None, :], dtype=sims.sim.dtype)
-    alpha = alpha.to(sims.sim.dtype)
-    with torch.no_grad():
+    p1, p2 = parents
+    with sims.unmasked() as values:  # a given recipe may name any row, and parents pair up freely
+        if draw is None:
+            j1, j2 = p1, p2
+            s1 = values.gather(1, j1)
+        else:
+            s1 = draw.pool_sims.gather(1, p1)
+        table = draw.pool if draw is not None else None
+        if mode == "copy":
+            return _Synthetic(s1, ((p1, None),), table)
+        if draw is not None:
+            j1, j2 = draw.pool.gather(1, p1), draw.pool.gather(1, p2)
+            s2 = draw.pool_sims.gather(1, p2)
+        else:
+            s2 = values.gather(1, j2)
         if layout.distributed:
             # Parents may live on other ranks: their mutual similarity needs the full (2B, 2B).
-            s12 = (sims.z @ sims.z.T).to(sims.sim.dtype)[j1, j2]
-        else:
-            flat = (j1 * sims.sim.shape[1]).add_(j2)  # every row is an anchor here
-            s12 = sims.sim.view(-1).gather(0, flat.view(-1)).view_as(j1)
-        one_minus = 1.0 - alpha
-        norm = torch.sqrt((alpha * alpha + one_minus * one_minus + 2.0 * alpha * one_minus * s12).clamp_min(1e-12))
-    return torch.stack([j1, j2], dim=1), torch.stack([alpha / norm, one_minus / norm], dim=1)
+            s12 = (sims.z @ sims.z.T).to(alpha.dtype)[j1, j2]
+        else:  # every row is an anchor here
+            s12 = values.view(-1).gather(0, (j1 * values.shape[1]).add_(j2).view(-1)).view_as(j1)
+    inv_norm = (1.0 - s12).mul_(alpha).mul_(1.0 - alpha).mul_(-2.0).add_(1.0).clamp_min_(1e-12).rsqrt_()
+    w1 = alpha * inv_norm
+    w2 = inv_norm.sub_(w1)  # (1 - alpha) / ||.||
+    return _Synthetic(torch.addcmul(s1 * w1, s2, w2), ((p1, w1), (p2, w2)), table)
 
 
 def _check_mixing(mixing: Mixing, n_anchors: int, n_synthetic: int, n_rows: int) -> Mixing:
@@ -476,8 +606,6 @@ def _check_mixing(mixing: Mixing, n_anchors: int, n_synthetic: int, n_rows: int)
                 f"mixing {name} must have shape (2B, n_synthetic) = ({n_rows}, {n_synthetic}), got {tuple(t.shape)}"
             )
     return Mixing(j1, j2, alpha)
-
-
 def sscl_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -527,19 +655,20 @@ def sscl_loss(
     n_rows = 2 * z1.shape[0] * world
     _check_synthetic(n_hard, n_synthetic, mode, n_rows)
     z, layout = _stack(z1, z2)
-    sims = _similarities(z, layout)
-    synthetic = None
+    sims = _Similarities(z, layout)
+    synthetic = row_max = None
     if n_synthetic > 0:
         if mixing is None:
-            mixing = _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
+            draw = _draw(sims, n_hard, n_synthetic, generator)
+            synthetic = _synthetic(sims, layout, mode, draw.alpha, tuple(draw.picks), draw)
+            row_max = draw.pool_sims.amax(dim=1)
         else:
-            mixing = _check_mixing(Mixing(*mixing), layout.rows.numel(), n_synthetic, n_rows)
-            mixing = Mixing(*(t.to(z.device) for t in mixing))
-            if mixing.j1.shape[0] != layout.rows.numel():  # global recipe: keep the local anchors
-                mixing = Mixing(*(t[layout.rows] for t in mixing))
-        synthetic = _synthetic_terms(sims, layout, mixing, mode)
+            j1, j2, alpha = (t.to(z.device) for t in _check_mixing(Mixing(*mixing), layout.rows.numel(), n_synthetic, n_rows))
+            if j1.shape[0] != layout.rows.numel():  # global recipe: keep the local anchors
+                j1, j2, alpha = j1[layout.rows], j2[layout.rows], alpha[layout.rows]
+            synthetic = _synthetic(sims, layout, mode, alpha.to(sims.values.dtype), (j1, j2))
     per_anchor = _debiased_hard_loss(
-        sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus, synthetic=synthetic
+        sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus, synthetic=synthetic, row_max=row_max
     )
     return _reduce(per_anchor, reduction)
 
@@ -600,11 +729,9 @@ def negative_similarities(
     _check_views(z1, z2)
     z, layout = _stack(z1.detach(), z2.detach())
     _check_synthetic(n_hard, n_synthetic, mode, layout.n_rows)
-    sims = _similarities(z, layout)
-    real = sims.sim[torch.isfinite(layout.neg_bias)]
+    sims = _Similarities(z, layout)
+    real = sims.values[torch.isfinite(sims.values)]
     if n_synthetic == 0:
         return real, real.new_empty(0)
-    mixing = _draw_from_pool(_hard_pool(sims, n_hard), n_synthetic, generator, sims.sim.dtype)
-    cols, weights = _synthetic_terms(sims, layout, mixing, mode)
-    synthetic = (weights * sims.sim.gather(1, cols.flatten(1)).view_as(weights)).sum(dim=1)
-    return real, synthetic.flatten()
+    draw = _draw(sims, n_hard, n_synthetic, generator)
+    return real, _synthetic(sims, layout, mode, draw.alpha, tuple(draw.picks), draw).values.flatten()
