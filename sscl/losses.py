@@ -445,15 +445,32 @@ def hcl_loss(
     return _reduce(per_anchor, reduction)
 
 
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Integers that sort exactly as the floats x (no NaN): ranking them skips topk's NaN checks.
+
+    A float's bit pattern read as a signed integer is ordered for x >= 0 and reversed for x < 0;
+    flipping all but the sign bit of the negative ones restores the order.
+    """
+    bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    sign = bits >> (8 * bits.element_size() - 1)  # -1 for negative x, else 0
+    return sign.bitwise_and_(torch.iinfo(bits.dtype).max).bitwise_xor_(bits)
+
+
+def _rank_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(A, k) column indices of the k largest entries of each row of x, in no particular order."""
+    return _order_keys(x).topk(k, dim=1, sorted=False).indices
+
+
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x (A, n): ``x.topk(k, dim=1, sorted=False)``, exactly.
 
-    When k is small against n it takes two cheaper passes. The columns are dealt into m blocks
-    (block b = columns b, b + m, b + 2m, ...; s = ceil(n / m) ~ sqrt(n / k) per block). Let tau be
-    the k-th largest block maximum: the k blocks with the largest maxima hold k entries >= tau, so
-    every top-k entry is >= tau, and an entry above tau lies in a block whose maximum is above tau,
-    one of those k. The top k of their k * s entries is therefore a top k of the row (ties at tau
-    aside, which topk also breaks arbitrarily), found by ranking m + k * s entries instead of n.
+    Rows are ranked on integer keys (:func:`_order_keys`). When k is small against n it takes two
+    cheaper passes. The columns are dealt into m blocks (block b = columns b, b + m, b + 2m, ...;
+    s = ceil(n / m) ~ sqrt(n / k) per block). Let tau be the k-th largest block maximum: the k
+    blocks with the largest maxima hold k entries >= tau, so every top-k entry is >= tau, and an
+    entry above tau lies in a block whose maximum is above tau, one of those k. The top k of their
+    k * s entries is therefore a top k of the row (ties at tau aside, which topk also breaks
+    arbitrarily), found by ranking m + k * s entries instead of n.
 
     Returns:
         values, indices: each (A, k), in no particular order.
@@ -461,21 +478,22 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[1]
     s = math.isqrt(n // k) if k else 0
     if s < 3:  # too few blocks to pay for the extra pass
-        return x.topk(k, dim=1, sorted=False)
+        indices = _rank_top_k(x, k)
+        return x.gather(1, indices), indices
     m = -(-n // s)  # blocks; the last slice of m columns may be short
     block_max = x[:, :m].clone()  # (A, m)
     for i in range(1, s):
         part = x[:, i * m : (i + 1) * m]
         head = block_max[:, : part.shape[1]]
         torch.maximum(head, part, out=head)
-    blocks = block_max.topk(k, dim=1, sorted=False).indices  # (A, k)
+    blocks = _rank_top_k(block_max, k)  # (A, k)
     cols = (blocks[:, :, None] + torch.arange(0, s * m, m, device=x.device)).flatten(1)  # (A, k * s)
     if s * m > n:  # columns past the short last slice are no candidates
         candidates = x.gather(1, cols.clamp_max(n - 1)).masked_fill_(cols >= n, -math.inf)
     else:
         candidates = x.gather(1, cols)
-    values, picked = candidates.topk(k, dim=1, sorted=False)
-    return values, cols.gather(1, picked)
+    picked = _rank_top_k(candidates, k)
+    return candidates.gather(1, picked), cols.gather(1, picked)
 
 
 _DRAW_BITS = 21  # bits per field of one 63-bit draw: j1, j2 and alpha
