@@ -601,27 +601,31 @@ def _synthetic(
     """
     p1, p2 = parents
     table = draw.pool if draw is not None else None
-    with sims.unmasked() as values:  # a given recipe may name any row
+    with sims.unmasked() as values:  # a given recipe may name any row, and parents pair up freely
         if draw is None:
-            j1, j2 = p1, p2
-            s1, s2 = values.gather(1, j1), values.gather(1, j2)
+            s1, s2 = values.gather(1, p1), values.gather(1, p2)
         else:
             s1, s2 = draw.pool_sims.gather(1, p1), draw.pool_sims.gather(1, p2)
         if mode == "copy":
             sims.synthetic.copy_(s1)
             return _Synthetic(((p1, None),), table)
-        if draw is not None:
-            j1, j2 = draw.pool.gather(1, p1), draw.pool.gather(1, p2)
         if layout.distributed:
             # Parents may live on other ranks: their mutual similarity needs the full (2B, 2B).
+            j1, j2 = (p1, p2) if draw is None else (draw.pool.gather(1, p1), draw.pool.gather(1, p2))
             s12 = _gram(sims.z, sims.z, layout.dtype)[j1, j2]
-        else:  # every row is an anchor here: look the pair up in the (strided) table
-            flat = (j1 * sims.table.stride(0)).add_(j2)
-            s12 = sims.table.view(-1).gather(0, flat.view(-1)).view_as(j1)
-    inv_norm = (1.0 - s12).mul_(alpha).mul_(1.0 - alpha).mul_(-2.0).add_(1.0).clamp_min_(1e-12).rsqrt_()
+        else:  # every row is an anchor here: look the pair up in the table (row stride 2B + K)
+            stride = sims.table.stride(0)
+            if draw is None:
+                flat = (p1 * stride).add_(p2)
+            else:
+                flat = (draw.pool * stride).gather(1, p1).add_(draw.pool.gather(1, p2))
+            s12 = torch.take(sims.table, flat)  # (A, K)
+    # 1 / ||alpha x + (1 - alpha) y|| = (1 - 2 u (1 - <x, y>))^(-1/2), u = alpha (1 - alpha).
+    u = torch.addcmul(alpha, alpha, alpha, value=-1.0)
+    inv_norm = s12.sub_(1.0).mul_(u).mul_(2.0).add_(1.0).clamp_min_(1e-12).rsqrt_()
     w1 = alpha * inv_norm
     w2 = inv_norm.sub_(w1)  # (1 - alpha) / ||.||
-    torch.addcmul(s1.mul_(w1), s2, w2, out=sims.synthetic)
+    torch.mul(s1, w1, out=sims.synthetic).addcmul_(s2, w2)
     return _Synthetic(((p1, w1), (p2, w2)), table)
 
 
