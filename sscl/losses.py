@@ -220,14 +220,17 @@ class _DebiasedHardLoss(torch.autograd.Function):
         shift = row_max  # (A,): keeps every exponent <= 0
         if synthetic is not None:
             shift = torch.maximum(shift, sims.synthetic.amax(dim=1))
-        d = table.sub_(shift[:, None])  # -inf off the negatives; sims is spent
-        # exp(c (s_v - shift) / t) and its row sum (>= 1: the shift's own term is exp(0)).
+        # exp(c (s_v - shift) / t), one pass each, and its row sum (>= 1: the shift's own term is
+        # exp(0)); -inf off the negatives. The last one overwrites the table: sims is spent.
+        shift = shift[:, None]
         w = sum_w = None
         if beta:
-            w = (d * (beta * inv_t)).exp_()
+            w = torch.add(shift * (-beta * inv_t), table, alpha=beta * inv_t).exp_()
             sum_w = w.sum(dim=1)
-        we = d.mul_((1.0 + beta) * inv_t).exp_()
+        c = (1.0 + beta) * inv_t
+        we = torch.add(shift * -c, table, alpha=c, out=table).exp_()
         sum_we = we.sum(dim=1)
+        shift = shift[:, 0]
         log_pos = sims.positive * inv_t
         # log R = log N + log sum(w e) - log sum(w); sum(w) = N without hardness weights.
         log_r = torch.log(sum_we).add_(shift * inv_t)
