@@ -162,16 +162,21 @@ class _Similarities:
         positive: (A,) ``<Z_a, Z_p(a)>``.
     """
 
-    def __init__(self, z: torch.Tensor, layout: _Layout, n_synthetic: int = 0) -> None:
+    def __init__(self, z: torch.Tensor, layout: _Layout, n_synthetic: int = 0, spare: bool = False) -> None:
         self.z_anchor = z[layout.rows] if layout.distributed else z
         self.z, self._layout = z, layout
         n = layout.n_rows
         with torch.no_grad():  # the gradient is attached by _DebiasedHardLoss
-            table = torch.empty((layout.rows.numel(), n + n_synthetic), dtype=layout.dtype, device=z.device)
+            # With a spare table in the same allocation: one large block per step instead of two,
+            # which glibc keeps mapped from step to step rather than unmapping and faulting in again.
+            shape = (1 + spare, layout.rows.numel(), n + n_synthetic)
+            tables = torch.empty(shape, dtype=layout.dtype, device=z.device)
+            table = tables[0]
             values = _gram(self.z_anchor, z, layout.dtype, out=table[:, :n])
             self._excluded_values = values[layout.excluded]  # (2A,): self, then positive
             values.index_put_(layout.excluded, layout.minus_inf)
         self.table, self.values, self.synthetic = table, values, table[:, n:]
+        self.spare = tables[1] if spare else None
         self.positive = self._excluded_values[layout.rows.numel() :]
 
     @contextlib.contextmanager
@@ -225,7 +230,7 @@ class _DebiasedHardLoss(torch.autograd.Function):
         shift = shift[:, None]
         w = sum_w = None
         if beta:
-            w = torch.add(shift * (-beta * inv_t), table, alpha=beta * inv_t).exp_()
+            w = torch.add(shift * (-beta * inv_t), table, alpha=beta * inv_t, out=sims.spare).exp_()
             sum_w = w.sum(dim=1)
         c = (1.0 + beta) * inv_t
         we = torch.add(shift * -c, table, alpha=c, out=table).exp_()
@@ -441,7 +446,7 @@ def hcl_loss(
     _check_views(z1, z2)
     _check_hyper(temperature, beta, tau_plus, reduction)
     z, layout = _stack(z1, z2)
-    sims = _Similarities(z, layout)
+    sims = _Similarities(z, layout, spare=beta > 0)
     per_anchor = _debiased_hard_loss(sims, layout, temperature=temperature, beta=beta, tau_plus=tau_plus)
     return _reduce(per_anchor, reduction)
 
@@ -691,7 +696,7 @@ def sscl_loss(
     n_rows = 2 * z1.shape[0] * world
     _check_synthetic(n_hard, n_synthetic, mode, n_rows)
     z, layout = _stack(z1, z2)
-    sims = _Similarities(z, layout, n_synthetic)
+    sims = _Similarities(z, layout, n_synthetic, spare=beta > 0)
     synthetic = row_max = None
     if n_synthetic > 0:
         if mixing is None:

@@ -177,6 +177,44 @@ def test_drawn_mixing_is_reproducible_and_from_the_hard_pool():
     assert not torch.allclose(drawn_inside, other_seed)
 
 
+def clustered_views(b: int, d: int, small: int, seed: int = 0):
+    # Two antipodal clusters, one of `small` images: their rows have few positive similarities.
+    g = torch.Generator().manual_seed(seed)
+    centre = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    sign = torch.ones(b, 1, dtype=torch.float64)
+    sign[:small] = -1.0
+    z1 = F.normalize(sign * centre + 0.2 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    z2 = F.normalize(sign * centre + 0.2 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    return z1, z2
+
+
+@pytest.mark.parametrize(
+    "case,b,d,n_hard",
+    [
+        ("one pass", 16, 16, 5),
+        ("blocks", 64, 16, 8),  # 2B = 128 columns in 32 blocks of 4
+        ("blocks, short last slice", 50, 16, 8),  # 100 columns in blocks of 3, the last one short
+        ("few positive entries", 16, 2, 20),  # on a circle about half the similarities are < 0
+        ("blocks, few positive entries", 64, 16, 8),  # clustered below
+    ],
+)
+def test_drawn_pool_is_exactly_the_hardest_negatives(case, b, d, n_hard):
+    z1, z2 = clustered_views(b, d, small=3) if "few positive" in case and d > 2 else views(b, d=d, seed=29)
+    k = 40 * n_hard  # enough draws to see every pool member (a miss has probability < 1e-6)
+    draw = draw_mixing(z1, z2, n_hard=n_hard, n_synthetic=k, generator=torch.Generator().manual_seed(0))
+    pools = reference_pool(z1, z2, n_hard)
+    for a in range(2 * b):
+        assert set(draw.j1[a].tolist()) | set(draw.j2[a].tolist()) == pools[a], f"anchor {a}"
+
+
+def test_second_backward_is_refused():
+    z1, z2 = views(4)
+    loss = sscl_loss(z1, z2, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=2, n_synthetic=2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize(
     "temperature,beta,tau_plus", list(itertools.product([0.05, 0.2, 1.0], [0.0, 1.0, 10.0], [0.0, 0.1, 0.49]))
 )
