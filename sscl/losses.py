@@ -253,6 +253,7 @@ class _DebiasedHardLoss(torch.autograd.Function):
         margin = debiased.clamp_min(log_floor).sub_(log_pos)  # log Ng - log pos
         ctx.save_for_backward(z_anchor, z, we, sum_we, w, sum_w, pos, debiased, margin, x)
         ctx.synthetic, ctx.log_floor, ctx.n_real = synthetic, log_floor, sims.values.shape[1]
+        ctx.all_anchors = z_anchor is z  # one process: every row of Z is an anchor
         ctx.temperature, ctx.beta, ctx.spent = temperature, beta, False
         return F.softplus(margin)  # -log(pos / (pos + Ng))
 
@@ -281,7 +282,13 @@ class _DebiasedHardLoss(torch.autograd.Function):
             grad.addcmul_(w, (grad_log_r * (-beta / t) / sum_w)[:, None])
         real = grad[:, : ctx.n_real]  # (A, 2B)
         real.scatter_add_(1, pos[:, None], (grad_log_pos / t)[:, None])
-        grad_z = real.T.to(z.dtype) @ z_anchor  # (2B, D): the anchors' partners
+        if ctx.all_anchors:
+            # Every row is an anchor, and s(a, j) = <Z_a, Z_j> passes its gradient to
+            # both rows, so (G + G^T) @ Z replaces the partners' own matmul.
+            _add_transpose_(real)
+            grad_z = None
+        else:
+            grad_z = real.T.to(z.dtype) @ z_anchor  # (2B, D): the anchors' partners
         if synthetic is not None:  # detached parents: the synthetic terms reach the anchor only
             grad_syn = grad[:, ctx.n_real :]  # (A, K)
             # Accumulated per pool member first: a small (A, P) target instead of (A, 2B).
@@ -293,6 +300,24 @@ class _DebiasedHardLoss(torch.autograd.Function):
                 real.scatter_add_(1, table, target)
         grad_anchor = real.to(z.dtype) @ z  # (A, D)
         return grad_anchor, grad_z, None, None, None, None, None, None, None
+
+
+def _add_transpose_(g: torch.Tensor) -> torch.Tensor:
+    """``g += g.T`` in place for a square (n, n) matrix, possibly a strided view.
+
+    Adding a transposed view walks memory across rows, slower than the matmul it saves at
+    n = 1024; tile pairs that fit in L2 keep it to a few streaming passes.
+    """
+    tile = 512 if g.element_size() <= 4 else 256
+    n = g.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper, lower = g[i : i + tile, j : j + tile], g[j : j + tile, i : i + tile]
+            total = upper + lower.T
+            upper.copy_(total)
+            if j != i:
+                lower.copy_(total.T)
+    return g
 
 
 # --------------------------------------------------------------------------- validation
