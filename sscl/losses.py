@@ -294,8 +294,8 @@ class _DebiasedHardLoss(torch.autograd.Function):
             # Accumulated per pool member first: a small (A, P) target instead of (A, 2B).
             table = synthetic.table
             target = real if table is None else torch.zeros(table.shape, dtype=grad.dtype, device=grad.device)
-            for index, weight in synthetic.parents:
-                target.scatter_add_(1, index, grad_syn if weight is None else weight * grad_syn)
+            for index, weight in synthetic.parents:  # the weights are spent with the graph
+                target.scatter_add_(1, index, grad_syn if weight is None else weight.mul_(grad_syn))
             if table is not None:
                 real.scatter_add_(1, table, target)
         grad_anchor = real.to(z.dtype) @ z  # (A, D)
@@ -310,13 +310,14 @@ def _add_transpose_(g: torch.Tensor) -> torch.Tensor:
     """
     tile = 512 if g.element_size() <= 4 else 256
     n = g.shape[0]
+    total = g.new_empty((min(tile, n), min(tile, n)))
     for i in range(0, n, tile):
         for j in range(i, n, tile):
             upper, lower = g[i : i + tile, j : j + tile], g[j : j + tile, i : i + tile]
-            total = upper + lower.T
-            upper.copy_(total)
+            both = torch.add(upper, lower.T, out=total[: upper.shape[0], : upper.shape[1]])
+            upper.copy_(both)
             if j != i:
-                lower.copy_(total.T)
+                lower.copy_(both.T)
     return g
 
 
@@ -505,9 +506,9 @@ def _rank_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of x (A, n): ``x.topk(k, dim=1, sorted=False)``, exactly.
 
-    Rows are ranked on integer keys (:func:`_order_keys`). When k is small against n it takes two
-    cheaper passes. The columns are dealt into m blocks (block b = columns b, b + m, b + 2m, ...;
-    s = ceil(n / m) ~ sqrt(n / k) per block). Let tau be the k-th largest block maximum: the k
+    Rows are ranked on integer keys (:func:`_rank_top_k`). When k is small against n it takes two
+    cheaper passes. The columns are dealt into m blocks of s (block b = columns b, b + m, ...,
+    b + (s - 1) m; s ~ sqrt(n / k) divides n). Let tau be the k-th largest block maximum: the k
     blocks with the largest maxima hold k entries >= tau, so every top-k entry is >= tau, and an
     entry above tau lies in a block whose maximum is above tau, one of those k. The top k of their
     k * s entries is therefore a top k of the row (ties at tau aside, which topk also breaks
@@ -516,25 +517,18 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         values, indices: each (A, k), in no particular order.
     """
-    n = x.shape[1]
-    s = math.isqrt(n // k) if k else 0
-    if s < 3:  # too few blocks to pay for the extra pass
+    n_anchors, n = x.shape
+    s = next((d for d in range(math.isqrt(n // k) if k else 0, 2, -1) if n % d == 0), 0)
+    if not s:  # too few blocks to pay for the extra pass
         indices = _rank_top_k(x, k)
         return x.gather(1, indices), indices
-    m = -(-n // s)  # blocks; the last slice of m columns may be short
-    block_max = x[:, :m].clone()  # (A, m)
-    for i in range(1, s):
-        part = x[:, i * m : (i + 1) * m]
-        head = block_max[:, : part.shape[1]]
-        torch.maximum(head, part, out=head)
-    blocks = _rank_top_k(block_max, k)  # (A, k)
-    cols = (blocks[:, :, None] + torch.arange(0, s * m, m, device=x.device)).flatten(1)  # (A, k * s)
-    if s * m > n:  # columns past the short last slice are no candidates
-        candidates = x.gather(1, cols.clamp_max(n - 1)).masked_fill_(cols >= n, -math.inf)
-    else:
-        candidates = x.gather(1, cols)
-    picked = _rank_top_k(candidates, k)
-    return candidates.gather(1, picked), cols.gather(1, picked)
+    m = n // s
+    slices = x.unflatten(1, (s, m))  # (A, s, m): column i * m + b is entry i of block b
+    blocks = _rank_top_k(slices.amax(dim=1), k)  # (A, k)
+    candidates = slices.gather(2, blocks[:, None, :].expand(-1, s, -1)).view(n_anchors, s * k)
+    picked = _rank_top_k(candidates, k)  # (A, k) positions i * k + (rank of the block)
+    indices = torch.div(picked, k, rounding_mode="floor").mul_(m).add_(blocks.gather(1, picked % k))
+    return candidates.gather(1, picked), indices
 
 
 _DRAW_BITS = 21  # bits per field of one 63-bit draw: j1, j2 and alpha

@@ -193,7 +193,8 @@ def clustered_views(b: int, d: int, small: int, seed: int = 0):
     [
         ("one pass", 16, 16, 5),
         ("blocks", 64, 16, 8),  # 2B = 128 columns in 32 blocks of 4
-        ("blocks, short last slice", 50, 16, 8),  # 100 columns in blocks of 3, the last one short
+        ("blocks of 3", 51, 16, 8),  # 102 columns in 34 blocks of 3
+        ("no block size divides", 50, 16, 8),  # 100 columns: 3 does not divide, one pass
         ("few positive entries", 16, 2, 20),  # on a circle about half the similarities are < 0
         ("blocks, few positive entries", 64, 16, 8),  # clustered below
     ],
