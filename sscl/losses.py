@@ -646,7 +646,7 @@ def _synthetic(
                 flat = (p1 * stride).add_(p2)
             else:
                 flat = (draw.pool * stride).gather(1, p1).add_(draw.pool.gather(1, p2))
-            s12 = torch.take(sims.table, flat)  # (A, K)
+            s12 = sims.table.view(-1).index_select(0, flat.view(-1)).view_as(flat)  # (A, K)
     # 1 / ||alpha x + (1 - alpha) y|| = (1 - 2 u (1 - <x, y>))^(-1/2), u = alpha (1 - alpha).
     u = torch.addcmul(alpha, alpha, alpha, value=-1.0)
     inv_norm = s12.sub_(1.0).mul_(u).mul_(2.0).add_(1.0).clamp_min_(1e-12).rsqrt_()
