@@ -496,6 +496,8 @@ def _rank_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
     so when every picked pattern is >= 0 the pick is exact (a row with fewer than k positive
     entries fails the check); otherwise the rows are ranked again on :func:`_order_keys`.
     """
+    if x.device.type != "cpu":  # accelerators rank floats fast, and the check would synchronise
+        return x.topk(k, dim=1, sorted=False).indices
     bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
     picked, indices = bits.topk(k, dim=1, sorted=False)
     if not bool((picked >= 0).all()):
@@ -519,7 +521,7 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n_anchors, n = x.shape
     s = next((d for d in range(math.isqrt(n // k) if k else 0, 2, -1) if n % d == 0), 0)
-    if not s:  # too few blocks to pay for the extra pass
+    if not s or x.device.type != "cpu":  # too few blocks to pay for the extra pass, or a GPU's topk
         indices = _rank_top_k(x, k)
         return x.gather(1, indices), indices
     m = n // s
