@@ -159,6 +159,7 @@ class _Similarities:
         table: (A, 2B + K) ``values`` then ``synthetic``.
         values: (A, 2B) similarities, -inf where ``j`` is not a real negative of ``a``.
         synthetic: (A, K) similarities to the synthetic negatives, filled in by :func:`_synthetic`.
+        spare: (A, 2B + K) scratch of the same allocation for the loss's second exponential, or None.
         positive: (A,) ``<Z_a, Z_p(a)>``.
     """
 
@@ -211,10 +212,11 @@ class _DebiasedHardLoss(torch.autograd.Function):
     real negatives plus the synthetic ones, one row of ``sims.table``): ``R = N sum(w e) / sum(w)``,
     ``Ng = max((R - tau_plus N pos) / (1 - tau_plus), N exp(-1/t))``, all in log space. Every exp is
     taken once and shifted by the anchor's largest negative similarity; the backward reuses them
-    (in place) and needs only the three matmuls of a plain ``Z @ Z.T``. A synthetic similarity is a
-    fixed combination of real ones (its parents are detached), so its gradient reaches the anchor
-    only. Autograd through the same steps would recompute the exps, add transposed (2B, 2B) copies
-    and some fifty small ops, which dominate at small batches.
+    (in place) and needs only the matmuls of a plain ``Z @ Z.T`` (one, ``(G + G^T) @ Z``, when all
+    rows are local anchors). A synthetic similarity is a fixed combination of real ones (its parents
+    are detached), so its gradient reaches the anchor only. Autograd through the same steps would
+    recompute the exps, add transposed (2B, 2B) copies and some fifty small ops, which dominate at
+    small batches.
     """
 
     @staticmethod
