@@ -119,6 +119,8 @@ def _layout(local_b: int, world: int, rank: int, device: torch.device, dtype: to
 
 def _gram(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T`` in ``dtype``, outside autocast: the backward's matmuls run in it too."""
+    if not torch.is_autocast_enabled(a.device.type):
+        return torch.mm(a.to(dtype), b.to(dtype).T, out=out)
     with torch.autocast(a.device.type, enabled=False):
         return torch.mm(a.to(dtype), b.to(dtype).T, out=out)
 
@@ -502,7 +504,7 @@ def _rank_top_k(x: torch.Tensor, k: int) -> torch.Tensor:
         return x.topk(k, dim=1, sorted=False).indices
     bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
     picked, indices = bits.topk(k, dim=1, sorted=False)
-    if not bool((picked >= 0).all()):
+    if picked.min() < 0:
         indices = _order_keys(x).topk(k, dim=1, sorted=False).indices
     return indices
 
