@@ -214,8 +214,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="train: batch size (cpu 32, cuda 256)")
     parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
     parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
+    parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
+                        help="retain: keep freed memory in the process, as the CPU training pipelines do "
+                             "(sscl.train.retain_freed_memory); default: the C library's own behaviour")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "retain":
+        from sscl.train import retain_freed_memory
+
+        print(f"allocator: freed memory retained in the process ({retain_freed_memory()})")
+    else:
+        print("allocator: the C library's default (freed memory returned to the OS)")
     if args.what == "loss":
         bench_loss(args.device)
     elif args.what == "augment":

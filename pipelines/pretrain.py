@@ -28,7 +28,7 @@ from sscl.data.sources import build_dataset, read_split
 from sscl.evaluate import knn_top1, linear_probe_top1
 from sscl.losses import get_loss, negative_similarities
 from sscl.models import build_model
-from sscl.train import build_optimizer, lr_at, train_one_epoch
+from sscl.train import build_optimizer, lr_at, retain_freed_memory, train_one_epoch
 
 # Worker output goes through a logger: Ray Train forwards print() output to the driver twice.
 log = logging.getLogger("sscl.pretrain")
@@ -96,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        retain_freed_memory()
     torch.manual_seed(cfg.train.seed + rank)
 
     model = model_from_config(cfg)
