@@ -45,6 +45,7 @@ Mode = Literal["mix", "copy"]
 Reduction = Literal["mean", "none"]
 MODES = ("mix", "copy")
 REDUCTIONS = ("mean", "none")
+_DRAW_BITS = 21  # bits per field of one 63-bit random draw: j1, j2 and alpha
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class _Layout:
             positive's, in an (A, 2B) matrix: the entries that are not real negatives.
         self_bias: (A, 2B) float, -inf at each anchor's own column and 0 elsewhere.
         minus_inf: 0-dim tensor holding -inf, for masking in place.
+        draw_shifts: (2, 1, 1) bit offsets of the two parents' fields in a random draw.
         n_rows: 2B, the number of rows of the global stacked batch.
         distributed: whether the embeddings were gathered from more than one rank.
     """
@@ -91,6 +93,7 @@ class _Layout:
     excluded: tuple[torch.Tensor, torch.Tensor]
     self_bias: torch.Tensor
     minus_inf: torch.Tensor
+    draw_shifts: torch.Tensor
     n_rows: int
     distributed: bool
 
@@ -114,7 +117,8 @@ def _layout(local_b: int, world: int, rank: int, device: torch.device, dtype: to
     self_bias = torch.zeros((rows.numel(), n_rows), dtype=dtype, device=device)
     self_bias[anchors, rows] = -math.inf
     minus_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
-    return _Layout(rows, pos, excluded, self_bias, minus_inf, n_rows, world > 1)
+    draw_shifts = torch.tensor([0, _DRAW_BITS], device=device).view(2, 1, 1)
+    return _Layout(rows, pos, excluded, self_bias, minus_inf, draw_shifts, n_rows, world > 1)
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +171,7 @@ class _Similarities:
 
     def __init__(self, z: torch.Tensor, layout: _Layout, n_synthetic: int = 0, spare: bool = False) -> None:
         self.z_anchor = z[layout.rows] if layout.distributed else z
-        self.z, self._layout = z, layout
+        self.z, self._layout, self.draw_shifts = z, layout, layout.draw_shifts
         n = layout.n_rows
         with torch.no_grad():  # the gradient is attached by _DebiasedHardLoss
             # With a spare table in the same allocation: one large block per step instead of two,
@@ -537,9 +541,6 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return candidates.gather(1, picked), indices
 
 
-_DRAW_BITS = 21  # bits per field of one 63-bit draw: j1, j2 and alpha
-
-
 @dataclass(frozen=True)
 class _Draw:
     """``method.md`` steps 1-2 for each anchor: its hard pool and K parent pairs drawn from it.
@@ -570,11 +571,8 @@ def _draw(sims: _Similarities, n_hard: int, n_synthetic: int, generator: torch.G
     draw_device = generator.device if generator is not None else device
     bits = torch.empty((n_anchors, n_synthetic), dtype=torch.int64, device=draw_device)
     bits = bits.random_(generator=generator).to(device)  # uniform on [0, 2^63)
-    field = (1 << _DRAW_BITS) - 1
-    picks = torch.empty((2, n_anchors, n_synthetic), dtype=torch.int64, device=device)
-    torch.bitwise_and(bits, field, out=picks[0])
-    torch.bitwise_right_shift(bits, _DRAW_BITS, out=picks[1]).bitwise_and_(field)
-    picks.mul_(n_hard).bitwise_right_shift_(_DRAW_BITS)
+    fields = bits >> sims.draw_shifts  # (2, A, K): bits 0-20 and 21-41 in the low bits
+    picks = fields.bitwise_and_((1 << _DRAW_BITS) - 1).mul_(n_hard).bitwise_right_shift_(_DRAW_BITS)
     alpha = bits.bitwise_right_shift_(2 * _DRAW_BITS).to(pool_sims.dtype).mul_(2.0**-_DRAW_BITS)
     return _Draw(pool, pool_sims, picks, alpha)
 
