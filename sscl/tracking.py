@@ -88,13 +88,11 @@ def wait_for_tracking_server(uri: str, *, timeout_s: float = 300.0, every_s: flo
 
 def plot_curves(history: Sequence[Mapping[str, float]]):
     """Loss and kNN top-1 per epoch, side by side. Returns a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not registered with pyplot: freed like any object
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax_acc.plot(epochs, [h["knn_top1"] for h in history], marker="o", color="tab:green")
@@ -105,12 +103,10 @@ def plot_curves(history: Sequence[Mapping[str, float]]):
 
 def plot_similarity_histogram(real: np.ndarray, synthetic: np.ndarray):
     """Anchor-negative cosine similarities: all real negatives vs the synthetic ones."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not registered with pyplot: freed like any object
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     values = np.concatenate([real, synthetic]) if len(synthetic) else real
     bins = np.linspace(float(values.min()), float(values.max()) + 1e-6, 81)
     ax.hist(real, bins=bins, density=True, alpha=0.6, label=f"real negatives ({len(real)})")
@@ -130,15 +126,13 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: s
         keys: the searched keys; numeric ones get a numeric axis (log when the values span 20x),
             the others one slot per value.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not registered with pyplot: freed like any object
 
     keys = list(keys) or ["trial"]
     cols = min(3, len(keys))
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(keys) + cols - 1) // cols)),
-                             squeeze=False)
+    n_rows = (len(keys) + cols - 1) // cols
+    fig = Figure(figsize=(4 * cols, 3.2 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     markers = {"finished": ("o", "tab:blue"), "stopped early": ("x", "tab:orange"), "failed": ("s", "tab:red")}
     for ax, key in zip(axes.flat, keys):
         raw = [r["values"].get(key, r.get("trial_id")) if key != "trial" else r["trial_id"] for r in rows]
