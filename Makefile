@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean cluster-up cluster-down
+.PHONY: install run test bench gpu-check clean cluster-up cluster-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ bench: $(STAMP)
 	$(PY) -m pipelines.benchmark loss
 	$(PY) -m pipelines.benchmark augment
 	$(PY) -m pipelines.benchmark train
+
+# Torch-only (no Ray, MLflow or install needed): runs with the GPU machine's own python3, from the
+# repository root. Loss correctness on the device, then loss, augmentation and training-step timings.
+GPU_PYTHON ?= python3
+
+gpu-check:
+	$(GPU_PYTHON) -m pipelines.gpu_check --device cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info

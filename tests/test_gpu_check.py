@@ -1,0 +1,134 @@
+"""The GPU check's CPU quick run: every section reports, correctness passes, and it runs on torch
+alone, as it must on the GPU machine (no Ray, no MLflow there)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipelines import gpu_check
+from pipelines.gpu_check import Row
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("correctness", "loss timing", "augmentation", "training step")
+
+# Runs the module as `python -m` would, with ray and mlflow unimportable (as on the GPU machine);
+# any attempt to import them is recorded, and what ended up in sys.modules is printed last.
+RUN_WITHOUT_RAY_OR_MLFLOW = r"""
+import runpy, sys
+
+BLOCKED = ("ray", "mlflow")
+attempted = []
+
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            attempted.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+try:
+    runpy.run_module("pipelines.gpu_check", run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print(f"blocked imports: attempted={attempted} loaded={loaded}")
+sys.exit(code)
+"""
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The printed table's body, each line split into its five columns."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("section"))
+    assert set(lines[header + 1].replace(" ", "")) == {"-"}
+    body = []
+    for line in lines[header + 2 :]:
+        if not line.startswith(SECTIONS):
+            break
+        body.append(re.split(r" {2,}", line.strip(), maxsplit=4))
+    return body
+
+
+def test_quick_cpu_run_reports_every_section_on_torch_alone(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "-c", RUN_WITHOUT_RAY_OR_MLFLOW, "--device", "cpu", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "blocked imports: attempted=[] loaded=[]" in proc.stdout
+
+    table = table_rows(proc.stdout)
+    assert {row[0] for row in table} == set(SECTIONS)
+    assert all(len(row) == 5 for row in table), table
+    correctness = [row for row in table if row[0] == "correctness"]
+    assert correctness and all(row[4] == "pass" for row in correctness), correctness
+    for loss in ("nt_xent", "dcl", "hcl", "sscl mix", "sscl copy"):
+        assert any(row[1].startswith(f"{loss} float64") for row in correctness), loss
+        assert any(row[1].startswith(f"{loss} bf16") for row in correctness), loss
+    assert not [row for row in table if row[4].startswith(("error", "FAIL"))]
+    # One progress line per section on stderr, for partial logs.
+    for section in SECTIONS:
+        assert f"] {section}: " in proc.stderr
+
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["section"], r["case"], r["status"][:100]) for r in rows] == [(t[0], t[1], t[4]) for t in table]
+    assert report["environment"]["device"] == "cpu" and report["environment"]["quick"] is True
+    for r in rows:
+        if r["case"].endswith("vs loop reference (value, grads)"):
+            assert 0 <= r["figure"] <= 1e-10, r
+        if r["section"] == "correctness":
+            assert r["status"] == "pass"
+        elif r["status"] == "ok":
+            assert r["figure"] > 0, r
+    timings = [r for r in rows if r["section"] == "loss timing" and r["unit"] == "time ratio"]
+    assert len(timings) == 3
+    for r in timings:  # the ratio row is sscl over nt_xent of the two rows before it
+        i = rows.index(r)
+        assert abs(r["figure"] - rows[i - 1]["figure"] / rows[i - 2]["figure"]) < 1e-9
+    steps = [r for r in rows if r["section"] == "training step" and r["unit"] == "img/s"]
+    assert len(steps) == 2 * 2 * 3  # models x losses x option sets
+    assert all(r["status"] == "ok" and r["extra"]["steps"] == 2 for r in steps)
+
+
+def test_wrong_loss_fails_its_correctness_row(monkeypatch):
+    # NT-Xent at a slightly different temperature: finite, close, and wrong.
+    real = gpu_check.nt_xent
+
+    def off_by_a_little(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.Tensor:
+        return real(z1, z2, temperature=temperature * 1.001)
+
+    monkeypatch.setattr(gpu_check, "nt_xent", off_by_a_little)
+    rows = gpu_check.check_correctness(torch.device("cpu"), gpu_check.QUICK)
+    status = {r.case: r.status for r in rows}
+    assert status["nt_xent float64 vs loop reference (value, grads)"].startswith("FAIL: max abs error")
+    assert status["dcl float64 vs loop reference (value, grads)"] == "pass"
+    assert status["nt_xent bf16 autocast: loss and grads finite"] == "pass"  # finite, so stable
+    assert gpu_check.correctness_failed(rows)
+
+
+def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch, tmp_path, capsys):
+    def broken(device: torch.device, plan: gpu_check.Plan) -> list[Row]:
+        raise RuntimeError("no kernel image is available")
+
+    def timing(device: torch.device, plan: gpu_check.Plan) -> list[Row]:
+        return [Row("loss timing", "a case", 1.5, "ms", "ok")]
+
+    monkeypatch.setattr(gpu_check, "SECTION_RUNNERS", {"correctness": broken, "loss timing": timing})
+    out = tmp_path / "deep" / "g.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["section"], r["status"]) for r in rows] == [
+        ("correctness", "FAIL: RuntimeError: no kernel image is available"),
+        ("loss timing", "ok"),
+    ]
+    assert "FAILED: correctness" in capsys.readouterr().out
