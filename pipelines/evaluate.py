@@ -1,4 +1,5 @@
-"""Evaluates a registered encoder: kNN and linear probe on the configured dataset's test split.
+"""Evaluates a registered encoder: kNN and linear probe on the configured dataset's evaluation sets,
+streamed by Ray Data to a Ray task on one worker's device (a GPU with ``scaling.use_gpu=true``).
 
     python -m pipelines.evaluate --model models:/sscl-digits@champion --config pipelines/configs/quickstart.yaml
 """
@@ -12,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from sscl.config import Config, ConfigError, load_config
-from sscl.data.sources import read_split
-from sscl.evaluate import knn_top1, linear_probe_top1
+from sscl.config import Config, ConfigError, load_config, to_dict
+from sscl.data.sources import build_dataset
+from sscl.evaluate import evaluate_encoder
 
 
 def load_encoder(model_uri: str, tracking_uri: str = "") -> torch.nn.Module:
@@ -37,21 +38,38 @@ def load_encoder(model_uri: str, tracking_uri: str = "") -> torch.nn.Module:
         raise ValueError(f"cannot load {model_uri} from {tracking.redact_uri(uri)}: {err.message}") from None
 
 
-def main(cfg: Config, model_uri: str) -> dict[str, Any]:
-    """kNN and linear top-1 of the registered encoder on ``cfg.data`` (frozen features)."""
-    from pipelines.pretrain import encode
+def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds) -> dict[str, float]:
+    """Runs as a Ray task with a Train worker's resources: streams both evaluation sets through the
+    encoder on that task's device."""
+    from pipelines.pretrain import eval_transform
+    from sscl.config import from_dict
 
-    encoder = load_encoder(model_uri, cfg.tracking.uri)
-    train, test = read_split(cfg.data, "eval_train"), read_split(cfg.data, "eval_test")
-    train_f, test_f = encode(encoder, train.images, cfg), encode(encoder, test.images, cfg)
-    train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
-    result = {
-        "model": model_uri,
-        "dataset": cfg.data.source,
-        "knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=cfg.train.knn_k, temperature=cfg.train.knn_temperature),
-        "linear_top1": linear_probe_top1(train_f, train_y, test_f, test_y, epochs=cfg.train.linear_epochs,
-                                         seed=cfg.train.seed),
-    }
+    cfg = from_dict(cfg_dict)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    encoder = load_encoder(model_uri, tracking_uri).to(device)
+    batches = lambda ds: ds.iter_torch_batches(batch_size=cfg.data.eval_batch_size)  # noqa: E731
+    return evaluate_encoder(encoder, batches(train_ds), batches(test_ds), device=device, k=cfg.train.knn_k,
+                            temperature=cfg.train.knn_temperature, linear_epochs=cfg.train.linear_epochs,
+                            seed=cfg.train.seed, **eval_transform(cfg))
+
+
+def main(cfg: Config, model_uri: str) -> dict[str, Any]:
+    """kNN and linear top-1 of the registered encoder on ``cfg.data``'s evaluation sets (frozen
+    features), computed in a Ray task on one worker's device (``scaling.use_gpu``), streamed from storage."""
+    import ray
+
+    from pipelines.pretrain import init_ray
+    from sscl import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
+    init_ray()
+    train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
+    test = build_dataset(cfg.data, "eval_test").dataset
+    task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,
+                                                 num_gpus=1 if cfg.scaling.use_gpu else 0)
+    metrics = ray.get(task.remote(to_dict(cfg), model_uri, uri, train, test))
+    result = {"model": model_uri, "dataset": cfg.data.source, **metrics}
     print(json.dumps(result, indent=2))
     return result
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,9 +24,9 @@ import torch
 
 from pipelines.config_cli import config_yaml
 from sscl.config import Config, flatten, from_dict, to_dict
-from sscl.data.augment import TwoViewAugment, normalize_images
-from sscl.data.sources import build_dataset, read_split
-from sscl.evaluate import knn_top1, linear_probe_top1
+from sscl.data.augment import TwoViewAugment
+from sscl.data.sources import CorruptDataError, SkipCounter, build_dataset
+from sscl.evaluate import evaluate_encoder, extract_features
 from sscl.losses import get_loss, negative_similarities
 from sscl.models import build_model
 from sscl.train import build_optimizer, lr_at, retain_freed_memory, train_one_epoch
@@ -35,6 +36,7 @@ log = logging.getLogger("sscl.pretrain")
 RUN_NAME_TAG = "sscl.run_name"
 FINISHED_TAG = "sscl.finished_epochs"  # set once the encoder of that many epochs is registered
 STATE_FILE = "state.pt"
+EVAL_DATASETS = ("eval_train", "eval_test")
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -61,32 +63,75 @@ def loss_from_config(cfg: Config):
                     n_hard=loss.n_hard, n_synthetic=loss.n_synthetic, mode=loss.mode)
 
 
-@torch.no_grad()
 def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Frozen features of uint8 (N, H, W, 3) images under the evaluation transform."""
-    try:
-        encoder.eval()
-    except NotImplementedError:
-        pass  # a registered (torch.export) encoder: already frozen in inference mode
-    x = normalize_images(images, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
-    if x.shape[-1] != cfg.augment.crop_size:
-        x = torch.nn.functional.interpolate(x, size=cfg.augment.crop_size, mode="bilinear", antialias=True)
+    """Frozen features (N, F) on the CPU of uint8 (N, H, W, 3) images held in memory (e.g. a user's
+    ``.npy`` batch), under the evaluation transform."""
     step = cfg.data.eval_batch_size
-    return torch.cat([encoder(x[i : i + step].to(device)).float().cpu() for i in range(0, len(x), step)])
+    batches = ({"image": images[i : i + step], "label": np.zeros(len(images[i : i + step]), dtype=np.int64)}
+               for i in range(0, len(images), step))
+    features, _ = extract_features(encoder, batches, device=device, **eval_transform(cfg))
+    return features.cpu()
 
 
-def knn_of(encoder: torch.nn.Module, eval_sets: dict[str, Any], cfg: Config, device="cpu") -> float:
-    train_f = encode(encoder, eval_sets["train"].images, cfg, device)
-    test_f = encode(encoder, eval_sets["test"].images, cfg, device)
-    return knn_top1(train_f, torch.from_numpy(eval_sets["train"].labels), test_f, torch.from_numpy(eval_sets["test"].labels),
-                    k=cfg.train.knn_k, temperature=cfg.train.knn_temperature)
+def eval_transform(cfg: Config) -> dict[str, Any]:
+    """``extract_features`` keywords: the training crop size and normalisation."""
+    return dict(image_size=cfg.augment.crop_size, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
+
+
+def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict]:
+    """kNN and linear top-1 of the encoder, every rank encoding its shard of the evaluation sets on
+    its own device (call on every rank); also anchor-negative similarities for the histogram.
+
+    Returns:
+        The metrics (the same on every rank) and ``{"real": ..., "synthetic": ...}`` similarities (CPU tensors).
+    """
+    import ray.train
+
+    first: dict[str, Any] = {}
+
+    def keep_first(batches):
+        for batch in batches:
+            first.setdefault("image", batch["image"])
+            yield batch
+
+    def batches(name: str):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=cfg.data.eval_batch_size)
+
+    module = model.module if hasattr(model, "module") else model
+    metrics = evaluate_encoder(module.encoder, keep_first(batches("eval_train")), batches("eval_test"), device=device,
+                               k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
+                               linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
+    return metrics, _similarities(module, first["image"], cfg, device)
+
+
+@torch.no_grad()
+def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device) -> dict:
+    """Real and synthetic negative similarities of the current model on two fresh views of a few
+    evaluation images (every rank takes the same number, as the loss gathers across ranks)."""
+    n = torch.tensor([min(len(images), 64)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        world = torch.distributed.get_world_size()
+    else:
+        world = 1
+    n = int(n.item())
+    view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:n].to(device))
+    was_training = module.training
+    module.eval()
+    z1, z2 = module(view1)[1].float(), module(view2)[1].float()
+    module.train(was_training)
+    n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
+    real, synthetic = negative_similarities(z1, z2, n_hard=min(cfg.loss.n_hard, 2 * n * world - 2), n_synthetic=n_syn,
+                                            mode=cfg.loss.mode)
+    return {"real": real.cpu(), "synthetic": synthetic.cpu()}
 
 
 # ---------------------------------------------------------------------------- the Ray Train worker
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP worker: resumes from the latest checkpoint, trains, reports every epoch."""
+    """One DDP worker: resumes from the latest checkpoint, trains, evaluates on its shard of the
+    evaluation sets, reports every epoch."""
     import ray
     import ray.train
     import ray.train.torch
@@ -107,14 +152,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
-    start_epoch, step, history = 0, 0, []
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "similarities": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
 
     per_worker = cfg.data.batch_size // world
     steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
@@ -128,50 +172,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if on_gpu else None
     loss_fn = loss_from_config(cfg)
     shard = ray.train.get_dataset_shard("train")
-    eval_sets = ray.get(config["eval_sets"]) if rank == 0 else None
     tracker = _RankZeroTracker(config) if rank == 0 else None
     if tracker:
-        tracker.sync(history)  # epochs checkpointed before a crash but not logged yet
+        tracker.sync(state["history"])  # epochs checkpointed before a crash but not logged yet
 
-    if start_epoch >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
+    def save(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                torch.save(state, Path(folder) / STATE_FILE)
+                torch.save({**state, "model": module.state_dict(), "optimizer": optimizer.state_dict()},
+                           Path(folder) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(history[-1] if history else {"epoch": start_epoch}, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if tracker:
+            # Logged once checkpointed: an epoch redone after a crash is never logged twice.
+            tracker.sync(state["history"])
+
+    if state["epoch"] >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
+        save(state["history"][-1] if state["history"] else {"epoch": state["epoch"]})
         return
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(state["epoch"], cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
         bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch) if rank == 0 else None
         result = train_one_epoch(
-            model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step, device=device,
+            model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
             augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
             on_step=bar.update if bar else None,
         )
-        step = result.next_step
-        metrics: dict[str, float] = {"epoch": epoch + 1}
-        if rank == 0:
-            knn = knn_of(module.encoder, eval_sets, cfg, device)
-            metrics |= {"loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second * world,
-                        "knn_top1": knn}
-            history.append(dict(metrics))
-            log.info(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
-                     f"img/s {metrics['images_per_second']:8.1f}  knn_top1 {knn:.4f}")
         last = epoch + 1 == cfg.train.epochs
+        metrics: dict[str, float] = {"epoch": epoch + 1, "loss": result.loss, "lr": result.lr,
+                                     "images_per_second": result.images_per_second * world}
+        if (epoch + 1) % cfg.train.knn_every == 0 or last:
+            evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device)
+            metrics |= evaluated
+        if config.get("skip_counter") is not None and rank == 0:
+            metrics["skipped_images"] = ray.get(config["skip_counter"].count.remote())
+        state["epoch"], state["step"] = epoch + 1, result.next_step
+        if rank == 0:
+            state["history"].append(dict(metrics))
+            log.info(_epoch_line(metrics, cfg.train.epochs))
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as folder:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                "step": step, "history": history}, Path(folder) / STATE_FILE)
-                    checkpoint = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            if tracker:
-                # Logged once checkpointed: an epoch redone after a crash is never logged twice.
-                tracker.sync(history)
+            save(metrics)
         else:
             ray.train.report(metrics)
+
+
+def _epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    line = (f"epoch {int(metrics['epoch']):3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.4f}  "
+            f"img/s {metrics['images_per_second']:8.1f}")
+    for key in ("knn_top1", "linear_top1", "skipped_images"):
+        if key in metrics:
+            line += f"  {key} {metrics[key]:.4f}" if key != "skipped_images" else f"  skipped {int(metrics[key])}"
+    return line
 
 
 class _Progress:
@@ -308,10 +360,14 @@ def init_ray() -> None:
 
 
 def _augmented(cfg: Config, pretrain):
-    """Two fresh views per image every epoch, on a CPU actor pool unless made on the device."""
+    """Two fresh views per image every epoch, on a CPU actor pool unless made on the device.
+
+    No global shuffle (an all-to-all barrier that would read the whole dataset before the first
+    batch): the files are read in a new seeded order each epoch and the workers shuffle locally.
+    """
     import ray.data
 
-    pretrain = pretrain.select_columns(["image"]).randomize_block_order()
+    pretrain = pretrain.select_columns(["image"])
     if cfg.augment.device == "cpu":
         # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
         pretrain = pretrain.map_batches(
@@ -321,28 +377,81 @@ def _augmented(cfg: Config, pretrain):
     return pretrain
 
 
-def prepare(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """Checks the tracking server (before any compute) and reads the evaluation splits.
+def build_datasets(cfg: Config, skip_counter: Any = None) -> tuple[dict[str, Any], int]:
+    """The lazy training and evaluation datasets (listing only: nothing is decoded here).
 
     Returns:
-        The resolved tracking URI and ``{"train": Split, "test": Split}`` for kNN and the probe.
+        ``{"train", "eval_train", "eval_test"}`` Ray Datasets and the number of pretraining images.
+
+    Raises:
+        FileNotFoundError, ConnectionError, ValueError: naming the path or key, before any worker starts.
     """
+    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, counter=skip_counter)
+    if pretrain.num_images < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
+                         "images")
+    datasets = {
+        "train": _augmented(cfg, pretrain.dataset),
+        "eval_train": build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images,
+                                    counter=skip_counter).dataset,
+        "eval_test": build_dataset(cfg.data, "eval_test", counter=skip_counter).dataset,
+    }
+    return datasets, pretrain.num_images
+
+
+def _data_config():
+    """Ray Train's dataset sharding: the training set split equally (every DDP worker takes the
+    same number of steps), the evaluation sets split exactly (every image evaluated once)."""
+    import ray.train
+
+    class ExactEvalSplit(ray.train.DataConfig):
+        # Ray Train configures one dataset per call, when the workers first ask for its shard.
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            exact = {k: v for k, v in datasets.items() if k in EVAL_DATASETS}
+            output = super().configure({k: v for k, v in datasets.items() if k not in exact}, world_size,
+                                       worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in exact.items():
+                ds = ds.copy(ds)
+                ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            return output
+
+    return ExactEvalSplit()
+
+
+def skip_counter(cfg: Config):
+    """A ``SkipCounter`` actor when ``data.skip_corrupt`` is on (the decoding tasks report to it)."""
+    import ray
+
+    return ray.remote(SkipCounter).options(num_cpus=0).remote() if cfg.data.skip_corrupt else None
+
+
+def prepare(cfg: Config) -> str:
+    """Checks the tracking server before any compute; returns the resolved tracking URI."""
     from sscl import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_tracking_server(uri)
-    return uri, {"train": read_split(cfg.data, "eval_train"), "test": read_split(cfg.data, "eval_test")}
+    return uri
 
 
-def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callbacks: Sequence[Any] = ()):
+def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None = None, n_pretrain: int = 0,
+        counter: Any = None, callbacks: Sequence[Any] = ()):
     """Runs (or resumes) the Ray Train run ``train.run_name`` under ``train.storage_path``.
 
     Args:
         run_id: the MLflow run rank 0 logs each epoch into.
+        datasets, n_pretrain, counter: from ``build_datasets`` / ``skip_counter`` (built here if not given).
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
 
     Returns:
         The ``ray.train.Result``; its checkpoint holds the model, optimizer and metric history.
+
+    Raises:
+        CorruptDataError: naming an undecodable file met while streaming (``data.skip_corrupt=false``).
     """
     import ray
     import ray.data
@@ -353,14 +462,13 @@ def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callba
     check_storage(cfg.train.storage_path)
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    pretrain = build_dataset(cfg.data, "pretrain")
-    n_pretrain = pretrain.count()  # from the blocks' metadata: nothing is read twice
-    if n_pretrain < cfg.data.batch_size:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {n_pretrain} pretraining images")
+    if datasets is None:
+        counter = skip_counter(cfg)
+        datasets, n_pretrain = build_datasets(cfg, counter)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "eval_sets": ray.put(eval_sets), "n_pretrain": n_pretrain},  # via the object store
+                           "n_pretrain": n_pretrain, "skip_counter": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -371,10 +479,16 @@ def fit(cfg: Config, *, run_id: str, uri: str, eval_sets: dict[str, Any], callba
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=2),
             callbacks=list(callbacks),
         ),
-        datasets={"train": _augmented(cfg, pretrain)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=_data_config(),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless it is bad data
+        found = re.search(r"CorruptDataError: (.+)", str(err))
+        if found:
+            raise CorruptDataError(found.group(1).strip()) from None
+        raise
 
 
 def check_resources(cfg: Config, nodes: Sequence[dict[str, float]]) -> None:
@@ -437,33 +551,35 @@ def check_storage(path: str) -> None:
         )
 
 
-def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """The model and per-epoch history saved in a Ray Train checkpoint of this pipeline."""
+def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model and training state (``history``, ``similarities``) saved in a checkpoint of this pipeline."""
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     model = model_from_config(cfg)
-    model.load_state_dict(state["model"])
-    return model, state["history"]
+    model.load_state_dict(state.pop("model"))
+    return model, state
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    """Pretrains, evaluates and registers; returns final metrics and the registered version."""
+    """Pretrains, evaluates on the workers and registers; returns final metrics and the registered version."""
     started = time.perf_counter()
-    uri, eval_sets = prepare(cfg)
+    uri = prepare(cfg)
+    init_ray()
+    counter = skip_counter(cfg)
+    datasets, n_pretrain = build_datasets(cfg, counter)  # bad paths fail here, before a run is created
     run_id = _mlflow_run(cfg, uri)
     finished = _finished_result(cfg, run_id)
     if finished is not None:
         return finished
-    init_ray()
-    result = fit(cfg, run_id=run_id, uri=uri, eval_sets=eval_sets)
-    model, history = load_trained(cfg, result.checkpoint)
-    return finish(cfg, model, history, eval_sets, run_id, uri, started)
+    result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, counter=counter)
+    model, state = load_trained(cfg, result.checkpoint)
+    return finish(cfg, model, state, run_id, uri, started)
 
 
-def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]], eval_sets: dict[str, Any],
-           run_id: str, uri: str, started: float, *, aliases: Sequence[str] = (),
-           version_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Final evaluation, plots, model logging and registration on the driver.
+def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: str, uri: str, started: float, *,
+           aliases: Sequence[str] = (), version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Logs the final metrics (computed by the workers at the last evaluated epoch), plots and the
+    encoder; registers it when ``tracking.register``.
 
     The new version gets ``aliases`` and ``version_tags`` (a sweep's best: ``best-<sweep>``, its
     params and the sweep's run id), and the champion alias when it beats the current one.
@@ -472,24 +588,11 @@ def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]],
 
     from sscl import tracking
 
-    train_f = encode(model.encoder, eval_sets["train"].images, cfg)
-    test_f = encode(model.encoder, eval_sets["test"].images, cfg)
-    train_y, test_y = torch.from_numpy(eval_sets["train"].labels), torch.from_numpy(eval_sets["test"].labels)
-    final = {
-        "final_knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=cfg.train.knn_k, temperature=cfg.train.knn_temperature),
-        "linear_top1": linear_probe_top1(train_f, train_y, test_f, test_y, epochs=cfg.train.linear_epochs,
-                                         seed=cfg.train.seed),
-    }
-    # Similarities of the final model on two fresh views of a batch of images.
-    batch = eval_sets["train"].images[: min(256, len(eval_sets["train"].images))]
-    view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(torch.from_numpy(batch))
-    model.eval()
-    with torch.no_grad():
-        z1, z2 = model(view1)[1], model(view2)[1]
-    n_hard = min(cfg.loss.n_hard, 2 * len(batch) - 2)
-    n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
-    real, synthetic = negative_similarities(z1, z2, n_hard=n_hard, n_synthetic=n_syn, mode=cfg.loss.mode)
-
+    history = state["history"]
+    evaluated = [h for h in history if "knn_top1" in h]
+    if not evaluated:
+        raise RuntimeError(f"run {cfg.train.run_name!r} has no evaluated epoch in its checkpoint")
+    final = {"final_knn_top1": evaluated[-1]["knn_top1"], "linear_top1": evaluated[-1]["linear_top1"]}
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     tracking.wait_for_tracking_server(uri)  # down mid-run: the metrics wait in ``history``
@@ -499,7 +602,10 @@ def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]],
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(final)
         mlflow.log_figure(tracking.plot_curves(history), "curves.png")
-        mlflow.log_figure(tracking.plot_similarity_histogram(real.numpy(), synthetic.numpy()), "similarity_histogram.png")
+        if state.get("similarities"):
+            sims = state["similarities"]
+            mlflow.log_figure(tracking.plot_similarity_histogram(sims["real"].numpy(), sims["synthetic"].numpy()),
+                              "similarity_histogram.png")
         info = tracking.log_encoder(model.encoder, image_size=cfg.augment.crop_size,
                                     model_name=cfg.tracking.model_name if cfg.tracking.register else None)
     version = getattr(info, "registered_model_version", None)
@@ -514,12 +620,19 @@ def finish(cfg: Config, model: torch.nn.Module, history: list[dict[str, float]],
         champion = tracking.promote_if_better(cfg.tracking.model_name, version, knn_top1=final["final_knn_top1"],
                                               dataset=cfg.data.source)
     out = {**final, "run_id": run_id, "model_name": cfg.tracking.model_name, "version": version, "champion": champion,
-           "seconds": time.perf_counter() - started, "epochs": len(history)}
+           "seconds": time.perf_counter() - started, "epochs": len(history),
+           "skipped_images": int(history[-1].get("skipped_images", 0))}
     labels = ", ".join([*aliases, *(["champion"] if champion else [])])
-    print(f"registered {cfg.tracking.model_name} version {version}{f' ({labels})' if labels else ''}: "
-          f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f} "
-          f"(frozen encoder, {cfg.data.source} test split, {len(history)} epochs, {out['seconds']:.0f} s)")
-    print(f"load it: mlflow.pytorch.load_model('models:/{cfg.tracking.model_name}/{version}')")
+    scores = (f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f} (frozen encoder, "
+              f"{cfg.data.source} evaluation set, {len(history)} epochs, {out['seconds']:.0f} s)")
+    if out["skipped_images"]:
+        print(f"skipped {out['skipped_images']} undecodable image(s) (data.skip_corrupt=true); see the "
+              "skipped_images metric")
+    if version is not None:
+        print(f"registered {cfg.tracking.model_name} version {version}{f' ({labels})' if labels else ''}: {scores}")
+        print(f"load it: mlflow.pytorch.load_model('models:/{cfg.tracking.model_name}/{version}')")
+    else:
+        print(f"trained (not registered: tracking.register=false): {scores}")
     print(f"browse:  mlflow ui --backend-store-uri {tracking.redact_uri(uri)}")
     return out
 

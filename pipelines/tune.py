@@ -45,12 +45,12 @@ RESUMABLE_KEYS = ("tune.max_concurrent_trials", "tune.max_failures", "tune.drive
 # ---------------------------------------------------------------------------- the trial driver
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], eval_sets: dict[str, Any], parent_run_id: str,
-              uri: str, trials_path: str) -> None:
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, uri: str, trials_path: str) -> None:
     """One Tune trial: its own Ray Train run, which reports every epoch to Tune.
 
     The Train run is named after the trial id, so a retried or restored trial resumes its own
-    checkpoints; its MLflow run is a child of the sweep's run.
+    checkpoints; its MLflow run is a child of the sweep's run. Its datasets are built here, lazily:
+    the trial's Train workers stream them from storage like a single run's.
     """
     import mlflow
     import ray.tune
@@ -63,7 +63,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], eval_sets: dict[s
         cfg, uri, run_name=child_run_name(cfg, trial_id), params=values,
         tags={"mlflow.parentRunId": parent_run_id, SWEEP_TAG: cfg.tune.name, "sscl.trial_id": trial_id},
     )
-    pretrain.fit(cfg, run_id=run_id, uri=uri, eval_sets=eval_sets, callbacks=[TuneReportCallback()])
+    pretrain.fit(cfg, run_id=run_id, uri=uri, callbacks=[TuneReportCallback()])
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
 
@@ -180,18 +180,22 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     started = time.perf_counter()
+    if cfg.tune.metric == "knn_top1" and cfg.train.knn_every != 1:
+        raise ValueError(f"train.knn_every={cfg.train.knn_every}: a sweep on knn_top1 compares trials every epoch; "
+                         "set train.knn_every=1 or tune.metric=loss")
     # A trial ASHA stops is blocked inside its TorchTrainer.fit(), so Tune's graceful stop cannot end
     # it; by default Tune waits 600 s before killing it, and its Train run keeps training meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
-    uri, eval_sets = pretrain.prepare(cfg)
+    uri = pretrain.prepare(cfg)
+    pretrain.init_ray()
+    pretrain.build_datasets(cfg)  # bad paths fail here, once, before any trial starts
     parent = _sweep_run(cfg, space, uri)
     client = mlflow.MlflowClient()
     done = client.get_run(parent).data.tags.get(BEST_VERSION_TAG)
-    pretrain.init_ray()
     storage = pretrain.storage_path(cfg.train.storage_path) or str(Path("~/ray_results").expanduser())
     experiment = f"{storage.rstrip('/')}/{cfg.tune.name}"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), eval_sets=eval_sets, parent_run_id=parent, uri=uri,
+        tune.with_parameters(run_trial, base=to_dict(cfg), parent_run_id=parent, uri=uri,
                              trials_path=f"{experiment}-trials"),
         {"CPU": cfg.tune.driver_cpus},
     )
@@ -225,7 +229,7 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     _log_summary(parent, rows, space, cfg.tune.metric, best)
     print(trials_table(rows, space.searched_keys, cfg.tune.metric))
     if done is None:
-        version = _register_best(cfg, best, eval_sets, uri, parent, started)
+        version = _register_best(cfg, best, uri, parent, started)
         client.set_tag(parent, BEST_VERSION_TAG, str(version))
         client.set_terminated(parent, "FINISHED")
     else:
@@ -287,16 +291,15 @@ def _close_child_runs(cfg: Config, rows: list[dict[str, Any]], uri: str) -> None
             client.set_terminated(row["run_id"], status)
 
 
-def _register_best(cfg: Config, best: dict[str, Any], eval_sets: dict[str, Any], uri: str, parent: str,
-                   started: float) -> str | None:
-    """Final evaluation of the best trial's last checkpoint; registered as ``best-<tune.name>``."""
+def _register_best(cfg: Config, best: dict[str, Any], uri: str, parent: str, started: float) -> str | None:
+    """The best trial's last checkpoint (evaluated by its workers) registered as ``best-<tune.name>``."""
     from ray.train import Checkpoint
 
     trial_cfg = apply_overrides(cfg, best["values"])
-    model, history = pretrain.load_trained(trial_cfg, Checkpoint(best["checkpoint_path"]))
+    model, state = pretrain.load_trained(trial_cfg, Checkpoint(best["checkpoint_path"]))
     tags = {"sweep_run_id": parent, "sweep": cfg.tune.name, "trial_id": best["trial_id"],
             **{f"param.{k}": str(v) for k, v in best["values"].items()}}
-    out = pretrain.finish(trial_cfg, model, history, eval_sets, best["run_id"], uri, started,
+    out = pretrain.finish(trial_cfg, model, state, best["run_id"], uri, started,
                           aliases=[f"best-{cfg.tune.name}"], version_tags=tags)
     return out["version"]
 

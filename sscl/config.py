@@ -47,12 +47,15 @@ SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
 @dataclass(frozen=True)
 class DataConfig:
     source: str = _f("digits", "dataset: " + " | ".join(SOURCES), choices=SOURCES)
-    root: str = _f("data", "directory (or URI for parquet/imagefolder) holding the dataset")
+    root: str = _f("data", "directory, or for imagefolder/parquet any path or URI pyarrow opens (s3://, gs://)")
+    eval_root: str = _f("", "imagefolder/parquet: labelled evaluation set (e.g. ImageNet's val/); '' = hold out "
+                        "data.test_fraction of data.root by a hash of each path")
     download: bool = _f(False, "download cifar10/cifar100/stl10 with torchvision when missing (needs internet)")
     image_column: str = _f("image", "parquet: column of encoded image bytes or arrays")
     label_column: str = _f("label", "parquet: label column ('' for none)")
     image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8)
-    test_fraction: float = _f(0.2, "held-out fraction when the source has no test split", gt=0, lt=1)
+    test_fraction: float = _f(0.2, "held-out fraction when the source has no test split and no data.eval_root",
+                              gt=0, lt=1)
     skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
     batch_size: int = _f(256, "global training batch (split over workers)", ge=2)
     eval_batch_size: int = _f(512, "batch for feature extraction", ge=1)
@@ -118,6 +121,9 @@ class TrainConfig:
     seed: int = _f(0, "random seed", ge=0)
     amp: bool = _f(True, "bf16 autocast on GPU")
     max_failures: int = _f(2, "worker failures restarted from the latest checkpoint", ge=0)
+    knn_every: int = _f(1, "run the kNN monitor every N epochs (and always after the last)", ge=1)
+    knn_max_images: int = _f(0, "kNN bank and linear-probe training set: at most this many labelled images (0 = all)",
+                             ge=0)
     knn_k: int = _f(200, "kNN neighbours", ge=1)
     knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0)
     linear_epochs: int = _f(100, "linear probe epochs at the end", ge=1)
@@ -299,6 +305,9 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                         "registry alias)")
     if cfg.tune.grace_period > cfg.train.epochs:
         problems.append(f"tune.grace_period={cfg.tune.grace_period}: must be <= train.epochs={cfg.train.epochs}")
+    if cfg.data.eval_root and cfg.data.source not in ("imagefolder", "parquet"):
+        problems.append(f"data.eval_root={cfg.data.eval_root!r}: only for the imagefolder and parquet sources "
+                        f"({cfg.data.source} has its own test split)")
     if cfg.data.source in ("imagefolder", "parquet") and not cfg.data.root:
         problems.append(f"data.root='': the {cfg.data.source} source needs a path")
 

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_digits_images", "split_indices"]
+__all__ = ["DIGITS_COUNT", "load_digits_images", "split_indices"]
+
+DIGITS_COUNT = 1797  # images in scikit-learn's bundled digits
 
 
 def load_digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -1,139 +1,96 @@
-"""Dataset sources: readers of the real on-disk formats into uint8 (N, H, W, 3) arrays and labels,
-and the Ray Datasets built from them (Ray is imported only inside those functions).
+"""Dataset sources as lazy Ray Datasets: files are listed on the driver (paths only), read and
+decoded in Ray tasks on the cluster, and streamed; no process ever holds a whole split's pixels.
 
-Splits: ``pretrain`` (what the encoder trains on), ``eval_train`` and ``eval_test`` (the labelled
-sets kNN and the linear probe use). Labels are -1 where a source has none.
+Every source gives the same columns: ``image`` (uint8 (H, W, 3)) and ``label`` (int64, -1 when
+unlabelled). Splits:
+
+- ``pretrain``: what the encoder trains on, in a new file order every epoch (seeded);
+- ``eval_train``: the labelled kNN bank and linear-probe training set, at most
+  ``train.knn_max_images`` images;
+- ``eval_test``: the labelled evaluation set: ``data.eval_root`` when set, the source's own test
+  split (CIFAR, STL-10, digits), else a held-out fraction chosen by a hash of each file's path
+  (image folders) or of each image's bytes (Parquet), so no listing pass has to be materialised.
+
+Ray is imported inside the functions: the rest of ``sscl`` runs without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sscl.data.digits import load_digits_images, split_indices
-
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow.fs
     import ray.data
 
     from sscl.config import DataConfig
 
-__all__ = ["SPLITS", "CorruptDataError", "ImageSet", "build_dataset", "read_cifar", "read_image_files", "read_split",
-           "read_stl10"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "SkipCounter", "Split", "build_dataset", "decode_image",
+           "folder_classes", "held_out", "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
 _STL_SIDE = 96
+_STL_BYTES = 3 * _STL_SIDE * _STL_SIDE
+_STL_CHUNK = 1024  # images per STL-10 read task (about 28 MB)
+_DECODE_BATCH = 64
 
 
 class CorruptDataError(ValueError):
     """A data file exists but cannot be read: truncated, corrupt or undecodable."""
 
 
-@dataclass(frozen=True)
-class ImageSet:
-    """Attributes: images uint8 (N, H, W, 3); labels int64 (N,), -1 when unlabelled; skipped files."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    skipped: int = 0
+# ---------------------------------------------------------------------------- shared helpers
 
 
-def _missing(path: Path, source: str) -> FileNotFoundError:
+def held_out(key: str | bytes, fraction: float, salt: str = "test") -> bool:
+    """Whether an item belongs to a held-out ``fraction``, decided by a hash of ``key`` alone.
+
+    The same key lands on the same side in every process and execution, whatever the order or
+    the number of files, so a split needs no listing pass and no materialisation.
+    """
+    data = key.encode() if isinstance(key, str) else key
+    digest = hashlib.blake2b(data, digest_size=8, person=salt.encode()[:16]).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def _filesystem(root: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...).
+
+    Raises:
+        FileNotFoundError / ConnectionError: naming the root when it is missing or unreachable.
+    """
+    import pyarrow.fs as pafs
+
+    uri = root if "://" in root else str(Path(root).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as err:  # pyarrow raises OSError for network and credential failures
+        raise ConnectionError(f"cannot reach {root}: {err}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {root}")
+    return fs, path.rstrip("/")
+
+
+def _missing(path: str, source: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{source}: missing file {path}; put the dataset there or set data.download=true on a machine with internet"
     )
 
 
-# ---------------------------------------------------------------------------- CIFAR
-
-
-def _download(source: str, root: Path) -> None:
-    import torchvision
-
-    if source in _CIFAR:
-        cls = torchvision.datasets.CIFAR10 if source == "cifar10" else torchvision.datasets.CIFAR100
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
-    else:
-        for split in ("train", "test", "unlabeled"):
-            torchvision.datasets.STL10(str(root), split=split, download=True)
-
-
-def read_cifar(root: str | Path, *, name: str, train: bool, download: bool = False) -> ImageSet:
-    """Reads CIFAR-10/100 from the python-pickle layout (``cifar-10-batches-py/data_batch_1``...).
-
-    Raises:
-        FileNotFoundError: naming the missing file.
-        CorruptDataError: naming a truncated or malformed pickle.
-    """
-    folder, train_files, test_files, label_key = _CIFAR[name]
-    root = Path(root)
-    files = [root / folder / f for f in (train_files if train else test_files)]
-    if download and not all(f.is_file() for f in files):
-        _download(name, root)
-    images, labels = [], []
-    for path in files:
-        if not path.is_file():
-            raise _missing(path, name)
-        try:
-            with path.open("rb") as fh:
-                entry = pickle.load(fh, encoding="bytes")
-            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            label = np.asarray(entry[label_key], dtype=np.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
-            raise CorruptDataError(f"{name}: {path} is truncated or not a CIFAR pickle ({type(err).__name__}: {err})") from None
-        if len(label) != len(data):
-            raise CorruptDataError(f"{name}: {path} has {len(data)} images but {len(label)} labels")
-        images.append(data.transpose(0, 2, 3, 1))
-        labels.append(label)
-    return ImageSet(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
-
-
-# ---------------------------------------------------------------------------- STL-10
-
-
-def read_stl10(root: str | Path, *, split: str, download: bool = False) -> ImageSet:
-    """Reads STL-10's binary layout (``stl10_binary/{train,test,unlabeled}_X.bin`` and ``_y.bin``).
-
-    Images are stored column-major per channel (3, 96, 96); labels are 1-10 on disk, 0-9 here.
-    """
-    root = Path(root)
-    x_path = root / "stl10_binary" / f"{split}_X.bin"
-    if download and not x_path.is_file():
-        _download("stl10", root)
-    if not x_path.is_file():
-        raise _missing(x_path, "stl10")
-    raw = np.fromfile(x_path, dtype=np.uint8)
-    per_image = 3 * _STL_SIDE * _STL_SIDE
-    if raw.size == 0 or raw.size % per_image:
-        raise CorruptDataError(f"stl10: {x_path} is truncated ({raw.size} bytes, not a multiple of {per_image})")
-    images = raw.reshape(-1, 3, _STL_SIDE, _STL_SIDE).transpose(0, 3, 2, 1)  # column-major -> HWC
-    if split == "unlabeled":
-        labels = np.full(len(images), -1, dtype=np.int64)
-    else:
-        y_path = root / "stl10_binary" / f"{split}_y.bin"
-        if not y_path.is_file():
-            raise _missing(y_path, "stl10")
-        labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
-        if len(labels) != len(images):
-            raise CorruptDataError(f"stl10: {y_path} has {len(labels)} labels for {len(images)} images in {x_path}")
-    return ImageSet(np.ascontiguousarray(images), labels)
-
-
-# ---------------------------------------------------------------------------- encoded images
-
-
 def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
-    """Encoded bytes (PNG, JPEG, ...) or an array -> uint8 (size, size, 3).
+    """Encoded bytes (PNG, JPEG, ...) or an array -> uint8 (size, size, 3), resized bilinearly.
 
     Raises:
         CorruptDataError: naming ``where`` when the image cannot be decoded.
@@ -158,138 +115,393 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
         raise CorruptDataError(f"cannot decode image {where}: {err}") from None
 
 
-def _list_image_files(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"imagefolder: directory not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return files
+class SkipCounter:
+    """A Ray actor's class: the distinct files (or rows) skipped as undecodable with
+    ``data.skip_corrupt=true``, reported by the decoding tasks wherever they run."""
+
+    def __init__(self) -> None:
+        self.skipped: set[str] = set()
+
+    def add(self, where: str) -> None:
+        self.skipped.add(where)
+
+    def count(self) -> int:
+        return len(self.skipped)
+
+    def examples(self, n: int = 5) -> list[str]:
+        return sorted(self.skipped)[:n]
 
 
-def read_image_files(root: str | Path, *, size: int, skip_corrupt: bool = False) -> tuple[ImageSet, list[str]]:
-    """Reads an image tree; labels are the sorted sub-directory names of ``root`` when every image
-    sits in one, else -1.
+@dataclass(frozen=True)
+class _Decoder:
+    """Decodes a batch of encoded images into ``image``/``label``, naming or skipping bad ones.
 
-    Returns:
-        The images and the class names (empty when unlabelled).
+    Attributes:
+        size: output side in pixels.
+        skip_corrupt: skip undecodable images (reported to ``counter``) instead of failing.
+        counter: a ``SkipCounter`` actor handle, or None.
+    """
+
+    size: int
+    skip_corrupt: bool
+    counter: Any = None
+
+    def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        images, kept = [], []
+        for value, label, name in zip(values, labels, where):
+            try:
+                images.append(decode_image(value, self.size, name))
+            except CorruptDataError as err:
+                if not self.skip_corrupt:
+                    raise CorruptDataError(f"{err} (set data.skip_corrupt=true to skip such images)") from None
+                if self.counter is not None:
+                    self.counter.add.remote(name)
+                continue
+            kept.append(label)
+        empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        return {"image": np.stack(images) if images else empty, "label": np.asarray(kept, dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------- image folders and Parquet
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which images of a folder or Parquet source a split keeps.
+
+    Attributes:
+        labelled_only: drop unlabelled images (evaluation sets).
+        test_fraction: hold out this fraction by hash (None: no held-out split).
+        held_out_side: keep the held-out side (eval_test) rather than the rest.
+        max_images: keep at most this many (0 = all).
+    """
+
+    labelled_only: bool = False
+    test_fraction: float | None = None
+    held_out_side: bool = False
+    max_images: int = 0
+
+    def keeps(self, key: str | bytes, label: int) -> bool:
+        if self.labelled_only and label < 0:
+            return False
+        return self.test_fraction is None or held_out(key, self.test_fraction) == self.held_out_side
+
+
+class _FolderFiles:
+    """The files of an image tree a split reads, decided per path before anything is read.
+
+    ``root/<class>/<file>`` is labelled by its class's index in the sorted class list; files
+    directly under ``root`` are unlabelled (pretraining only). Hidden files (``.x``, ``._x.jpg``
+    left by macOS) are never read.
+    """
+
+    def __init__(self, base: str, classes: list[str], selection: _Selection) -> None:
+        self.base, self.index, self.selection = base + "/", {c: i for i, c in enumerate(classes)}, selection
+
+    def relative(self, path: str) -> str:
+        return path[len(self.base):] if path.startswith(self.base) else path
+
+    def label(self, path: str) -> int:
+        parts = self.relative(path).split("/")
+        return self.index.get(parts[0], -1) if len(parts) >= 2 else -1
+
+    def __call__(self, paths: list[str]) -> list[str]:
+        kept = [p for p in paths if not any(part.startswith(".") for part in self.relative(p).split("/"))
+                and self.selection.keeps(self.relative(p), self.label(p))]
+        limit = self.selection.max_images
+        if limit and len(kept) > limit:
+            # An exact, order-independent subset: the files with the smallest path hashes.
+            kept = sorted(kept, key=lambda p: hashlib.blake2b(self.relative(p).encode(), digest_size=8).digest())[:limit]
+        return kept
+
+
+def _path_filter(files: _FolderFiles):
+    """``files`` as Ray's partition filter, which sees every listed path before any is read."""
+    from ray.data.datasource.partitioning import Partitioning, PathPartitionFilter, PathPartitionParser
+
+    class _Filter(PathPartitionFilter):
+        def __call__(self, paths: list[str]) -> list[str]:
+            return files(paths)
+
+    return _Filter(PathPartitionParser(Partitioning("dir")), lambda _: True)
+
+
+def _decode_files(batch: dict[str, Any], *, decoder: _Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
+    paths = list(batch["path"])
+    return decoder.decode(list(batch["bytes"]), [files.label(p) for p in paths], paths)
+
+
+def folder_classes(root: str) -> list[str]:
+    """The sorted class directories directly under ``root`` (one listing call, no recursion)."""
+    import pyarrow.fs as pafs
+
+    fs, base = _filesystem(root)
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
+
+
+def _shuffle(seed: int | None):
+    import ray.data
+
+    return ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
+
+
+def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
+    import ray.data
+
+    fs, base = _filesystem(root)
+    classes = folder_classes(root)
+    if selection.labelled_only and not classes:
+        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
+                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
+    files = _FolderFiles(base, classes, selection)
+    try:
+        read = ray.data.read_binary_files(base, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),
+                                          partition_filter=_path_filter(files), shuffle=_shuffle(seed))
+    except ValueError as err:  # Ray's "No files found" / "No input files found"
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: {err}") from None
+    decoded = read.map_batches(_decode_files, fn_kwargs={"decoder": decoder, "files": files}, batch_size=_DECODE_BATCH)
+    return Split(decoded, read.count())  # the count comes from the listing: nothing is read for it
+
+
+def _decode_rows(batch: dict[str, Any], *, decoder: _Decoder, image_column: str, label_column: str,
+                 selection: _Selection, keep_fraction: float) -> dict[str, np.ndarray]:
+    values = list(batch[image_column])
+    labels = [-1 if v is None else int(v) for v in batch[label_column]] if label_column else [-1] * len(values)
+    keys = [v if isinstance(v, bytes) else np.asarray(v).tobytes() for v in values]
+    chosen = [i for i, key in enumerate(keys) if selection.keeps(key, labels[i])
+              and (keep_fraction >= 1 or held_out(key, keep_fraction, salt="bank"))]
+    names = [f"{image_column} value with digest {hashlib.blake2b(keys[i], digest_size=6).hexdigest()}" for i in chosen]
+    return decoder.decode([values[i] for i in chosen], [labels[i] for i in chosen], names)
+
+
+def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
+    import ray.data
+
+    fs, base = _filesystem(root)
+    try:
+        read = ray.data.read_parquet(base, filesystem=fs, shuffle=_shuffle(seed))
+        names = read.schema().names  # from one file's footer
+    except (ValueError, OSError) as err:
+        raise FileNotFoundError(f"parquet: cannot read {root}: {err}") from None
+    for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
+        if column and column not in names:
+            raise ValueError(f"{key}={column!r} is not a column of {root}; columns: {', '.join(names)}")
+    if selection.labelled_only and not cfg.label_column:
+        raise ValueError(f"data.label_column='': evaluation on {root} needs a label column, or set data.eval_root")
+    read = read.select_columns([cfg.image_column] + ([cfg.label_column] if cfg.label_column else []))
+    rows = read.count()  # from the files' footers
+    keep_fraction = 1.0
+    if selection.max_images:
+        expected = rows * (1 - selection.test_fraction if selection.test_fraction and not selection.held_out_side else 1)
+        keep_fraction = min(1.0, selection.max_images / max(expected, 1))  # about max_images, by content hash
+    decoded = read.map_batches(_decode_rows, batch_size=_DECODE_BATCH, fn_kwargs={
+        "decoder": decoder, "image_column": cfg.image_column, "label_column": cfg.label_column,
+        "selection": selection, "keep_fraction": keep_fraction})
+    return Split(decoded, rows)
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+
+def read_cifar_file(data: bytes, *, label_key: bytes, where: str) -> dict[str, np.ndarray]:
+    """One CIFAR python pickle (``data_batch_1``, ``test``, ...) -> ``image`` (N, 32, 32, 3), ``label``.
 
     Raises:
-        CorruptDataError: naming the first undecodable file, unless ``skip_corrupt``.
+        CorruptDataError: naming a truncated or malformed pickle.
     """
-    root = Path(root)
-    files = _list_image_files(root)
-    labelled = all(len(f.relative_to(root).parts) >= 2 for f in files)
-    classes = sorted({f.relative_to(root).parts[0] for f in files}) if labelled else []
-    index = {c: i for i, c in enumerate(classes)}
-    images, labels, skipped = [], [], 0
-    for f in files:
-        try:
-            images.append(decode_image(f.read_bytes(), size, str(f)))
-        except CorruptDataError:
-            if not skip_corrupt:
-                raise
-            skipped += 1
-            continue
-        labels.append(index[f.relative_to(root).parts[0]] if labelled else -1)
-    if not images:
-        raise CorruptDataError(f"imagefolder: none of the {len(files)} images under {root} could be decoded")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), skipped), classes
-
-
-def read_parquet_images(paths: str, *, image_column: str, label_column: str, size: int,
-                        skip_corrupt: bool = False) -> ImageSet:
-    """Reads Parquet files (a local path or any filesystem pyarrow opens, e.g. s3://) holding a
-    column of encoded image bytes or arrays, and an optional label column."""
-    import pyarrow.dataset as pads
-
     try:
-        dataset = pads.dataset(paths, format="parquet")
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"parquet: cannot open {paths}: {err}") from None
-    names = dataset.schema.names
-    if image_column not in names:
-        raise ValueError(f"data.image_column={image_column!r} is not a column of {paths}; columns: {', '.join(names)}")
-    if label_column and label_column not in names:
-        raise ValueError(f"data.label_column={label_column!r} is not a column of {paths}; columns: {', '.join(names)}")
-    images, labels, skipped = [], [], 0
-    for file_fragment in dataset.get_fragments():
-        table = file_fragment.to_table(columns=[image_column] + ([label_column] if label_column else []))
-        column = table.column(image_column).to_pylist()
-        label_values = table.column(label_column).to_pylist() if label_column else [-1] * len(column)
-        for row, (value, label) in enumerate(zip(column, label_values)):
-            try:
-                images.append(decode_image(value, size, f"{file_fragment.path} row {row}"))
-            except CorruptDataError:
-                if not skip_corrupt:
-                    raise
-                skipped += 1
-                continue
-            labels.append(-1 if label is None else int(label))
-    if not images:
-        raise CorruptDataError(f"parquet: no decodable images in {paths}")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), skipped)
+        entry = pickle.loads(data, encoding="bytes")
+        images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CorruptDataError(f"{where} is truncated or not a CIFAR pickle ({type(err).__name__}: {err})") from None
+    if len(labels) != len(images):
+        raise CorruptDataError(f"{where} has {len(images)} images but {len(labels)} labels")
+    return {"image": np.ascontiguousarray(images.transpose(0, 2, 3, 1)), "label": labels}
 
 
-# ---------------------------------------------------------------------------- splits
+def _unpickle_cifar(batch: dict[str, Any], *, label_key: bytes) -> dict[str, np.ndarray]:
+    parts = [read_cifar_file(data, label_key=label_key, where=path) for data, path in zip(batch["bytes"], batch["path"])]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
 
 
-def _held_out(full: ImageSet, split: str, test_fraction: float, seed: int = 0) -> ImageSet:
-    """Pretrain on everything; evaluate on a fixed, seeded split of the labelled images."""
-    if split == "pretrain":
-        return full
-    labelled = np.flatnonzero(full.labels >= 0)
-    if len(labelled) < 2:
-        raise ValueError("this dataset has no labels: evaluation needs labelled images (class sub-directories or a "
-                         "label column)")
-    train_idx, test_idx = split_indices(len(labelled), test_fraction=test_fraction, seed=seed)
-    chosen = labelled[train_idx if split == "eval_train" else test_idx]
-    return ImageSet(full.images[chosen], full.labels[chosen], full.skipped)
+def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
+    import ray.data
+
+    folder, train_files, test_files, label_key = _CIFAR[cfg.source]
+    root = Path(cfg.root).expanduser().resolve()
+    files = [root / folder / f for f in (train_files if train else test_files)]
+    if cfg.download and not all(f.is_file() for f in files):
+        _download(cfg.source, root)
+    for path in files:
+        if not path.is_file():
+            raise _missing(str(path), cfg.source)
+    # One task per pickle (10,000 images each): the files are read and unpickled on the cluster.
+    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files))
+    return ds.map_batches(_unpickle_cifar, fn_kwargs={"label_key": label_key}, batch_size=1)
 
 
-def read_split(cfg: DataConfig, split: str) -> ImageSet:
-    """Reads one split of the configured source into memory.
+def _download(source: str, root: Path) -> None:
+    """Fetches and unpacks the official archive (needs internet); nothing is decoded here."""
+    import torchvision
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[source]
+    download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+
+
+# ---------------------------------------------------------------------------- STL-10
+
+
+def _read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n_images: int) -> dict[str, np.ndarray]:
+    """Images ``[id * chunk, (id + 1) * chunk)`` of an STL-10 binary, read by byte range."""
+    import pyarrow.fs as pafs
+
+    out_images, out_labels = [], []
+    for chunk in batch["id"]:
+        first = int(chunk) * _STL_CHUNK
+        count = min(_STL_CHUNK, n_images - first)
+        fs, path = pafs.FileSystem.from_uri(x_path)
+        with fs.open_input_file(path) as fh:
+            raw = np.frombuffer(fh.read_at(count * _STL_BYTES, first * _STL_BYTES), dtype=np.uint8)
+        # Stored column-major per channel: (3, 96, 96) with x fastest -> (H, W, 3).
+        out_images.append(raw.reshape(count, 3, _STL_SIDE, _STL_SIDE).transpose(0, 3, 2, 1))
+        if y_path:
+            fs, path = pafs.FileSystem.from_uri(y_path)
+            with fs.open_input_file(path) as fh:
+                out_labels.append(np.frombuffer(fh.read_at(count, first), dtype=np.uint8).astype(np.int64) - 1)
+        else:
+            out_labels.append(np.full(count, -1, dtype=np.int64))
+    return {"image": np.ascontiguousarray(np.concatenate(out_images)), "label": np.concatenate(out_labels)}
+
+
+def _stl10_split(cfg: DataConfig, split: str) -> Split:
+    import ray.data
+
+    folder = Path(cfg.root).expanduser().resolve() / "stl10_binary"
+    x_path = folder / f"{split}_X.bin"
+    if cfg.download and not x_path.is_file():
+        _download("stl10", Path(cfg.root).expanduser().resolve())
+    if not x_path.is_file():
+        raise _missing(str(x_path), "stl10")
+    size = x_path.stat().st_size
+    if size == 0 or size % _STL_BYTES:
+        raise CorruptDataError(f"stl10: {x_path} is truncated ({size} bytes, not a multiple of {_STL_BYTES})")
+    n_images = size // _STL_BYTES
+    y_path = ""
+    if split != "unlabeled":
+        y = folder / f"{split}_y.bin"
+        if not y.is_file():
+            raise _missing(str(y), "stl10")
+        if y.stat().st_size != n_images:
+            raise CorruptDataError(f"stl10: {y} has {y.stat().st_size} labels for {n_images} images in {x_path}")
+        y_path = str(y)
+    n_chunks = -(-n_images // _STL_CHUNK)
+    chunks = ray.data.range(n_chunks, override_num_blocks=n_chunks)  # one read task per chunk of the file
+    return Split(chunks.map_batches(_read_stl_chunk, batch_size=1,
+                                    fn_kwargs={"x_path": str(x_path), "y_path": y_path, "n_images": n_images}), n_images)
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+def _digits_rows(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    from sscl.data.digits import load_digits_images
+
+    images, labels = load_digits_images(size)  # bundled with scikit-learn: 1,797 images, read in the task
+    index = np.asarray(batch["index"])
+    return {"image": images[index], "label": labels[index]}
+
+
+def _digits(cfg: DataConfig, split: str) -> tuple[ray.data.Dataset, int]:
+    import ray.data
+
+    from sscl.data.digits import DIGITS_COUNT, split_indices
+
+    train_idx, test_idx = split_indices(DIGITS_COUNT, test_fraction=cfg.test_fraction)
+    index = test_idx if split == "eval_test" else train_idx
+    rows = ray.data.from_items([{"index": int(i)} for i in index], override_num_blocks=4)
+    return rows.map_batches(_digits_rows, fn_kwargs={"size": cfg.image_size}, batch_size=512), len(index)
+
+
+# ---------------------------------------------------------------------------- the splits
+
+
+@dataclass(frozen=True)
+class Split:
+    """Attributes: dataset (lazy; columns ``image``, ``label``); num_images: how many it reads,
+    from metadata where the source has it (files listed, Parquet footers, STL-10 file sizes), so
+    undecodable images skipped later are still counted."""
+
+    dataset: Any
+    num_images: int
+
+
+def _bounded(ds: ray.data.Dataset, max_images: int, total: int | None = None) -> Split:
+    """At most about ``max_images`` rows, chosen by a hash of each image (the same every execution)."""
+    if total is None:
+        total = ds.count()  # CIFAR: unpickled in Ray tasks; only the count comes back
+    if not max_images or total <= max_images:
+        return Split(ds, total)
+    return Split(ds.map_batches(_keep_by_hash, batch_size=_DECODE_BATCH, fn_kwargs={"fraction": max_images / total}),
+                 max_images)
+
+
+def _keep_by_hash(batch: dict[str, np.ndarray], *, fraction: float) -> dict[str, np.ndarray]:
+    mask = np.array([held_out(img.tobytes(), fraction, salt="bank") for img in batch["image"]], dtype=bool)
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
+                  counter: Any = None) -> Split:
+    """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64).
+
+    Only paths and metadata are read here; images are read and decoded in Ray tasks when the
+    dataset runs, again each epoch.
 
     Args:
         cfg: the ``data`` section of the config.
         split: "pretrain", "eval_train" or "eval_test".
+        max_images: evaluation sets: keep at most this many images (0 = all).
+        seed: file-based pretraining sources: seeds the file order, a new order each epoch and the
+            same sequence of orders after a restart; None keeps the listing order.
+        counter: a ``SkipCounter`` actor handle told of every image skipped as undecodable.
+
+    Raises:
+        FileNotFoundError: naming a missing root or file, or a folder without images.
+        ConnectionError: naming an unreachable bucket or server.
+        ValueError: naming the config key of a missing column, or a split without labels.
+        CorruptDataError: naming a file whose size is wrong (found before anything is read).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    evaluation = split != "pretrain"
     source = cfg.source
-    if source == "digits":
-        images, labels = load_digits_images(cfg.image_size)
-        train_idx, test_idx = split_indices(len(images), test_fraction=cfg.test_fraction)
-        idx = test_idx if split == "eval_test" else train_idx
-        return ImageSet(images[idx], labels[idx])
+    if cfg.eval_root and source not in ("imagefolder", "parquet"):
+        raise ValueError(f"data.eval_root={cfg.eval_root!r}: for imagefolder and parquet sources; {source} has its "
+                         "own test split")
+    if source in ("imagefolder", "parquet"):
+        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt, counter)
+        root = cfg.eval_root if split == "eval_test" and cfg.eval_root else cfg.root
+        held = cfg.test_fraction if evaluation and not cfg.eval_root else None
+        selection = _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
+                               max_images=max_images if evaluation else 0)
+        seed = None if evaluation else seed
+        if source == "imagefolder":
+            return _image_folder(root, selection, decoder, seed)
+        return _parquet(root, cfg, selection, decoder, seed)
+    total = None
     if source in _CIFAR:
-        return read_cifar(cfg.root, name=source, train=split != "eval_test", download=cfg.download)
-    if source == "stl10":
-        if split == "pretrain":
-            parts = [read_stl10(cfg.root, split=s, download=cfg.download) for s in ("unlabeled", "train")]
-            return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
-        return read_stl10(cfg.root, split="train" if split == "eval_train" else "test", download=cfg.download)
-    if source == "imagefolder":
-        full, _ = read_image_files(cfg.root, size=cfg.image_size, skip_corrupt=cfg.skip_corrupt)
-        return _held_out(full, split, cfg.test_fraction)
-    if source == "parquet":
-        full = read_parquet_images(cfg.root, image_column=cfg.image_column, label_column=cfg.label_column,
-                                   size=cfg.image_size, skip_corrupt=cfg.skip_corrupt)
-        return _held_out(full, split, cfg.test_fraction)
-    raise ValueError(f"unknown data.source {source!r}")
-
-
-def build_dataset(cfg: DataConfig, split: str, *, rows_per_block: int = 4096) -> ray.data.Dataset:
-    """The split as a Ray Dataset with columns ``image`` (uint8 HWC tensor) and ``label`` (int64)."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    data = read_split(cfg, split)
-    blocks = [
-        pa.table({"image": ArrowTensorArray.from_numpy(data.images[i : i + rows_per_block]),
-                  "label": data.labels[i : i + rows_per_block]})
-        for i in range(0, len(data.images), rows_per_block)
-    ]
-    return ray.data.from_arrow(blocks)
-
+        ds = _cifar(cfg, train=split != "eval_test")
+    elif source == "stl10":
+        parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
+        splits = [_stl10_split(cfg, p) for p in parts]
+        ds = splits[0].dataset.union(*[s.dataset for s in splits[1:]]) if len(splits) > 1 else splits[0].dataset
+        total = sum(s.num_images for s in splits)
+    elif source == "digits":
+        ds, total = _digits(cfg, split)
+    else:
+        raise ValueError(f"unknown data.source {source!r}")
+    return _bounded(ds, max_images if evaluation else 0, total)
