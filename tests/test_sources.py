@@ -1,4 +1,4 @@
-"""Each data source reads a small file set written in its real on-disk format."""
+"""Each data source, read lazily by Ray Data from small file sets written in their real on-disk formats."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from sscl.config import load_config
-from sscl.data.sources import CorruptDataError, read_cifar, read_image_files, read_split, read_stl10
+from sscl.data.sources import CorruptDataError, SkipCounter, build_dataset, read_cifar_file
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def rng_images(n, side, seed=0):
@@ -22,6 +24,19 @@ def rng_images(n, side, seed=0):
 
 def data_cfg(**overrides):
     return load_config(None, [f"data.{k}={v}" for k, v in overrides.items()]).data
+
+
+def rows(split):
+    """(images, labels) of a built split, sorted by content so order does not matter."""
+    table = split.dataset.take_all()
+    images = np.stack([r["image"] for r in table]) if table else np.zeros((0,))
+    labels = np.array([r["label"] for r in table])
+    order = sorted(range(len(table)), key=lambda i: images[i].tobytes())
+    return images[order], labels[order]
+
+
+def sorted_images(images):
+    return images[sorted(range(len(images)), key=lambda i: images[i].tobytes())]
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -43,14 +58,17 @@ def write_cifar10(root: Path, per_batch=4):
 
 def test_cifar10_pickles_round_trip(tmp_path):
     expected = write_cifar10(tmp_path)
-    train = read_cifar(tmp_path, name="cifar10", train=True)
-    test = read_cifar(tmp_path, name="cifar10", train=False)
-    assert train.images.shape == (20, 32, 32, 3) and test.images.shape == (4, 32, 32, 3)
-    np.testing.assert_array_equal(train.images[:4], expected["data_batch_1"][0])
-    np.testing.assert_array_equal(test.images, expected["test_batch"][0])
-    assert train.labels[:4].tolist() == expected["data_batch_1"][1]
-    split = read_split(data_cfg(source="cifar10", root=str(tmp_path)), "eval_test")
-    np.testing.assert_array_equal(split.images, test.images)
+    cfg = data_cfg(source="cifar10", root=str(tmp_path))
+    train, test = build_dataset(cfg, "pretrain"), build_dataset(cfg, "eval_test")
+    assert train.num_images == 20 and test.num_images == 4
+    images, labels = rows(test)
+    np.testing.assert_array_equal(images, sorted_images(expected["test_batch"][0]))
+    train_images, _ = rows(train)
+    all_train = np.concatenate([expected[f"data_batch_{j}"][0] for j in range(1, 6)])
+    np.testing.assert_array_equal(train_images, sorted_images(all_train))
+    one = read_cifar_file((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes(), label_key=b"labels",
+                          where="data_batch_1")
+    assert one["label"].tolist() == expected["data_batch_1"][1]
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
@@ -60,21 +78,19 @@ def test_cifar100_uses_fine_labels(tmp_path):
     for name in ("train", "test"):
         entry = {b"data": imgs.transpose(0, 3, 1, 2).reshape(3, -1), b"fine_labels": [5, 77, 99], b"coarse_labels": [1, 2, 3]}
         (folder / name).write_bytes(pickle.dumps(entry))
-    out = read_cifar(tmp_path, name="cifar100", train=True)
-    assert out.labels.tolist() == [5, 77, 99]
-    np.testing.assert_array_equal(out.images, imgs)
+    _, labels = rows(build_dataset(data_cfg(source="cifar100", root=str(tmp_path)), "eval_train"))
+    assert sorted(labels.tolist()) == [5, 77, 99]
 
 
 def test_cifar_missing_and_truncated_files_are_named(tmp_path):
     write_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     content = batch.read_bytes()
-    batch.write_bytes(content[: len(content) // 2])
     with pytest.raises(CorruptDataError, match="data_batch_3 is truncated"):
-        read_cifar(tmp_path, name="cifar10", train=True)
+        read_cifar_file(content[: len(content) // 2], label_key=b"labels", where=str(batch))
     batch.unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3.*data.download=true"):
-        read_cifar(tmp_path, name="cifar10", train=True)
+        build_dataset(data_cfg(source="cifar10", root=str(tmp_path)), "pretrain")
 
 
 # ---------------------------------------------------------------- STL-10
@@ -93,26 +109,29 @@ def test_stl10_binaries_round_trip_and_pretrain_joins_unlabeled(tmp_path):
     write_stl(tmp_path, "train", train, [1, 10, 4])
     write_stl(tmp_path, "unlabeled", unl, None)
     write_stl(tmp_path, "test", test, [2, 3])
-    out = read_stl10(tmp_path, split="train")
-    np.testing.assert_array_equal(out.images, train)
-    assert out.labels.tolist() == [0, 9, 3]  # 1-10 on disk
     cfg = data_cfg(source="stl10", root=str(tmp_path))
-    pretrain = read_split(cfg, "pretrain")
-    assert len(pretrain.images) == 8 and (pretrain.labels == -1).sum() == 5
-    assert read_split(cfg, "eval_test").labels.tolist() == [1, 2]
+    images, labels = rows(build_dataset(cfg, "eval_train"))
+    np.testing.assert_array_equal(images, sorted_images(train))
+    by_content = {img.tobytes(): int(y) for img, y in zip(images, labels)}
+    assert [by_content[img.tobytes()] for img in train] == [0, 9, 3]  # 1-10 on disk
+    pretrain = build_dataset(cfg, "pretrain")
+    _, pretrain_labels = rows(pretrain)
+    assert pretrain.num_images == 8 and (pretrain_labels == -1).sum() == 5
+    assert sorted(rows(build_dataset(cfg, "eval_test"))[1].tolist()) == [1, 2]
 
 
-def test_stl10_truncated_binary_is_named(tmp_path):
+def test_stl10_truncated_binary_is_named_before_reading(tmp_path):
     write_stl(tmp_path, "train", rng_images(2, 96), [1, 2])
     x = tmp_path / "stl10_binary" / "train_X.bin"
     x.write_bytes(x.read_bytes()[:-100])
+    cfg = data_cfg(source="stl10", root=str(tmp_path))
     with pytest.raises(CorruptDataError, match="train_X.bin is truncated"):
-        read_stl10(tmp_path, split="train")
+        build_dataset(cfg, "eval_train")
     with pytest.raises(FileNotFoundError, match="test_X.bin"):
-        read_stl10(tmp_path, split="test")
+        build_dataset(cfg, "eval_test")
 
 
-# ---------------------------------------------------------------- image folders and parquet
+# ---------------------------------------------------------------- image folders
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -121,63 +140,137 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_folder(root: Path, per_class=3, side=40):
-    for c, name in enumerate(["cat", "dog"]):
-        (root / name).mkdir(parents=True)
+def write_folder(root: Path, per_class=3, side=40, classes=("cat", "dog")):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(rng_images(per_class, side, seed=c)):
             (root / name / f"{i}.png").write_bytes(png_bytes(img))
 
 
-def test_imagefolder_labels_from_directories_and_resizes(tmp_path):
+def test_imagefolder_labels_from_directories_resizes_and_skips_hidden_files(tmp_path):
     write_folder(tmp_path)
-    out, classes = read_image_files(tmp_path, size=32)
-    assert classes == ["cat", "dog"] and out.images.shape == (6, 32, 32, 3)
-    assert sorted(out.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "dog" / "._0.png").write_bytes(b"AppleDouble metadata, not an image")
+    (tmp_path / "loose.png").write_bytes(png_bytes(rng_images(1, 40, seed=9)[0]))  # no class: pretraining only
     cfg = data_cfg(source="imagefolder", root=str(tmp_path), test_fraction=0.5)
-    train, test = read_split(cfg, "eval_train"), read_split(cfg, "eval_test")
-    assert len(train.images) + len(test.images) == 6 and len(read_split(cfg, "pretrain").images) == 6
+    pretrain = build_dataset(cfg, "pretrain")
+    images, labels = rows(pretrain)
+    assert pretrain.num_images == 7 and images.shape == (7, 32, 32, 3)
+    assert sorted(labels.tolist()) == [-1, 0, 0, 0, 1, 1, 1]
+    (_, train_y), (_, test_y) = rows(build_dataset(cfg, "eval_train")), rows(build_dataset(cfg, "eval_test"))
+    assert len(train_y) + len(test_y) == 6 and -1 not in train_y.tolist() + test_y.tolist()
 
 
-def test_imagefolder_without_class_dirs_is_unlabelled(tmp_path):
-    for i, img in enumerate(rng_images(2, 32)):
-        (tmp_path / f"{i}.jpg").write_bytes(png_bytes(img))
-    out, classes = read_image_files(tmp_path, size=32)
-    assert classes == [] and out.labels.tolist() == [-1, -1]
-    with pytest.raises(ValueError, match="no labels"):
-        read_split(data_cfg(source="imagefolder", root=str(tmp_path)), "eval_test")
+def test_held_out_split_is_disjoint_deterministic_and_needs_no_listing_order(tmp_path):
+    write_folder(tmp_path, per_class=30, side=8, classes=("a", "b", "c"))
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path), test_fraction=0.25, image_size=8)
+    test_a = {img.tobytes() for img in rows(build_dataset(cfg, "eval_test"))[0]}
+    test_b = {img.tobytes() for img in rows(build_dataset(cfg, "eval_test"))[0]}
+    train = {img.tobytes() for img in rows(build_dataset(cfg, "eval_train"))[0]}
+    assert test_a == test_b and not (test_a & train) and len(test_a) + len(train) == 90
+    assert 10 <= len(test_a) <= 35  # about a quarter of 90
 
 
-def test_imagefolder_corrupt_image_fails_or_is_skipped_and_counted(tmp_path):
+def test_knn_max_images_is_an_exact_stable_subset_and_eval_root_is_the_test_set(tmp_path):
+    write_folder(tmp_path / "train", per_class=20, side=8)
+    write_folder(tmp_path / "val", per_class=2, side=8, classes=("cat", "dog"))
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path / "train"), eval_root=str(tmp_path / "val"), image_size=8)
+    bank = build_dataset(cfg, "eval_train", max_images=15)
+    first, second = rows(bank)[0], rows(build_dataset(cfg, "eval_train", max_images=15))[0]
+    assert bank.num_images == 15 and len(first) == 15 and np.array_equal(first, second)
+    assert len(rows(build_dataset(cfg, "eval_train"))[1]) == 40  # with eval_root, the whole train tree
+    _, test_labels = rows(build_dataset(cfg, "eval_test"))
+    assert sorted(test_labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_pretrain_file_order_changes_each_epoch_and_repeats_after_a_restart(tmp_path):
+    write_folder(tmp_path, per_class=40, side=8)
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path), image_size=8)
+
+    def epoch_orders(seed):
+        ds = build_dataset(cfg, "pretrain", seed=seed).dataset
+        return [[bytes(r["image"].tobytes()) for r in ds.iter_rows()] for _ in range(2)]
+
+    first, again = epoch_orders(3), epoch_orders(3)
+    assert first[0] != first[1]  # a new order per epoch
+    assert sorted(first[0]) == sorted(first[1])  # of the same images
+    assert first == again  # the same sequence of orders after a restart
+
+
+def test_imagefolder_corrupt_image_fails_naming_it_or_is_skipped_and_counted(tmp_path):
+    import ray
+
     write_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"not an image at all")
-    with pytest.raises(CorruptDataError, match="broken.png"):
-        read_image_files(tmp_path, size=32)
-    out, _ = read_image_files(tmp_path, size=32, skip_corrupt=True)
-    assert out.skipped == 1 and len(out.images) == 6
+    good = png_bytes(rng_images(1, 40, seed=5)[0])
+    (tmp_path / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path))
+    with pytest.raises(Exception, match=r"broken.png|truncated.png") as err:
+        rows(build_dataset(cfg, "pretrain"))
+    assert "data.skip_corrupt=true" in str(err.value)
+    counter = ray.remote(SkipCounter).remote()
+    skipping = data_cfg(source="imagefolder", root=str(tmp_path), skip_corrupt=True)
+    split = build_dataset(skipping, "pretrain", counter=counter)
+    assert split.num_images == 8 and len(rows(split)[0]) == 6
+    assert len(rows(split)[0]) == 6  # a second epoch skips the same two files, counted once
+    assert ray.get(counter.count.remote()) == 2
+    assert [Path(p).name for p in ray.get(counter.examples.remote())] == ["broken.png", "truncated.png"]
+
+
+def test_imagefolder_bad_roots_are_named_before_anything_is_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        read_image_files(tmp_path / "nowhere", size=32)
+        build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "nowhere")), "pretrain")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no images .* under .*empty"):
+        build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "empty")), "pretrain")
+    for i, img in enumerate(rng_images(2, 16)):
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        (tmp_path / "flat" / f"{i}.jpg").write_bytes(png_bytes(img))
+    with pytest.raises(ValueError, match="no class sub-directories"):
+        build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "flat")), "eval_test")
+
+
+def test_unreachable_bucket_is_named(monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    root = f"s3://no-such-bucket/images?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    for source in ("imagefolder", "parquet"):
+        with pytest.raises(ConnectionError, match="cannot reach s3://no-such-bucket/images"):
+            build_dataset(data_cfg(source=source, root=root), "pretrain")
+
+
+# ---------------------------------------------------------------- Parquet
 
 
 def test_parquet_with_encoded_bytes_and_labels(tmp_path):
-    imgs = rng_images(4, 32)
-    pq.write_table(pa.table({"img": [png_bytes(i) for i in imgs], "y": [0, 1, 2, 3]}), tmp_path / "part-0.parquet")
+    imgs = rng_images(40, 32)
+    pq.write_table(pa.table({"img": [png_bytes(i) for i in imgs], "y": list(range(40))}), tmp_path / "part-0.parquet")
     cfg = data_cfg(source="parquet", root=str(tmp_path), image_column="img", label_column="y", test_fraction=0.25)
-    full = read_split(cfg, "pretrain")
-    np.testing.assert_array_equal(full.images, imgs)  # PNG is lossless
-    assert full.labels.tolist() == [0, 1, 2, 3] and len(read_split(cfg, "eval_test").images) == 1
+    pretrain = build_dataset(cfg, "pretrain")
+    images, labels = rows(pretrain)
+    np.testing.assert_array_equal(images, sorted_images(imgs))  # PNG is lossless
+    assert pretrain.num_images == 40 and sorted(labels.tolist()) == list(range(40))
+    test_y, train_y = rows(build_dataset(cfg, "eval_test"))[1], rows(build_dataset(cfg, "eval_train"))[1]
+    assert sorted(test_y.tolist() + train_y.tolist()) == list(range(40)) and 3 <= len(test_y) <= 17
     with pytest.raises(ValueError, match="data.image_column='image'.*columns: img, y"):
-        read_split(data_cfg(source="parquet", root=str(tmp_path)), "pretrain")
+        build_dataset(data_cfg(source="parquet", root=str(tmp_path)), "pretrain")
 
 
 def test_parquet_corrupt_row_is_named(tmp_path):
     pq.write_table(pa.table({"image": [png_bytes(rng_images(1, 8)[0]), b"garbage"], "label": [0, 1]}),
                    tmp_path / "bad.parquet")
-    with pytest.raises(CorruptDataError, match="bad.parquet row 1"):
-        read_split(data_cfg(source="parquet", root=str(tmp_path)), "pretrain")
+    with pytest.raises(Exception, match=r"cannot decode image image value with digest [0-9a-f]+"):
+        rows(build_dataset(data_cfg(source="parquet", root=str(tmp_path)), "pretrain"))
+
+
+# ---------------------------------------------------------------- digits
 
 
 def test_digits_offline_split():
     cfg = data_cfg(source="digits")
-    train, test = read_split(cfg, "eval_train"), read_split(cfg, "eval_test")
-    assert len(train.images) + len(test.images) == 1797 and train.images.shape[1:] == (32, 32, 3)
-    assert set(test.labels.tolist()) == set(range(10))
+    train, test = build_dataset(cfg, "eval_train"), build_dataset(cfg, "eval_test")
+    assert train.num_images + test.num_images == 1797
+    images, labels = rows(test)
+    assert images.shape[1:] == (32, 32, 3) and set(labels.tolist()) == set(range(10))
+    assert build_dataset(cfg, "eval_train", max_images=300).num_images == 300

@@ -223,7 +223,7 @@ def _path_filter(files: _FolderFiles):
         def __call__(self, paths: list[str]) -> list[str]:
             return files(paths)
 
-    return _Filter(PathPartitionParser(Partitioning("dir")), lambda _: True)
+    return _Filter(PathPartitionParser(Partitioning("hive")), lambda _: True)
 
 
 def _decode_files(batch: dict[str, Any], *, decoder: _Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
