@@ -4,15 +4,23 @@
     python -m pipelines.benchmark augment    # batched TwoViewAugment vs per-image torchvision v2
     python -m pipelines.benchmark train      # SSCL training step vs SimCLR step, ResNet-18
     python -m pipelines.benchmark train --device cuda
+    python -m pipelines.benchmark ingest     # Ray Data streaming vs torchvision ImageFolder; driver memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -205,10 +213,126 @@ def bench_train(
     return row
 
 
+# --------------------------------------------------------------------------- ingest
+
+
+def write_jpeg_folder(root: Path, n_images: int, *, side: int = 64, n_classes: int = 10, seed: int = 0) -> Path:
+    """``root/class_<k>/<i>.jpg``: smooth random images (JPEG-compressible like photos), ``n_images`` in all."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 1, side, dtype=np.float32)
+    for i in range(n_images):
+        folder = root / f"class_{i % n_classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        a, b, c = rng.uniform(0, 255, 3), rng.uniform(-128, 128, 3), rng.uniform(-128, 128, 3)
+        img = a + b * base[:, None, None] + c * base[None, :, None] + rng.normal(0, 8, (side, side, 3))
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def _ingest_config(root: Path, *extra: str):
+    from sscl.config import load_config
+
+    return load_config(None, ["data.source=imagefolder", f"data.root={root}", "data.image_size=64",
+                              "augment.crop_size=32", "data.batch_size=256", *extra])
+
+
+def _stream_epoch(cfg) -> tuple[float, float, int]:
+    """Time to the first batch, images/s and images of one epoch through the pipeline's own stages:
+    listing, read + decode in Ray tasks, two-view augmentation on the actor pool, torch batches."""
+    from pipelines.pretrain import _augmented
+    from sscl.data.sources import build_dataset
+
+    start = time.perf_counter()
+    dataset = _augmented(cfg, build_dataset(cfg.data, "pretrain", seed=0).dataset)
+    first, images = None, 0
+    for batch in dataset.iter_torch_batches(batch_size=cfg.data.batch_size):
+        first = first or time.perf_counter() - start
+        images += len(batch["view1"])
+    return first, images / (time.perf_counter() - start), images
+
+
+def _torchvision_epoch(root: Path, crop_size: int) -> tuple[float, float, int]:
+    import torchvision
+
+    transform = _torchvision_two_view_transform(crop_size, 0.0)
+    from torchvision.transforms import v2
+
+    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((64, 64), antialias=True)])
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=lambda img: (
+        transform(to_tensor(img.convert("RGB"))), transform(to_tensor(img.convert("RGB")))))
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=2, shuffle=True)
+    first, images = None, 0
+    for (view1, _), _ in loader:
+        first = first or time.perf_counter() - start
+        images += len(view1)
+    return first, images / (time.perf_counter() - start), images
+
+
+def driver_peak_rss(argv: Sequence[str]) -> dict[str, float]:
+    """Runs ``pipelines.pretrain`` with ``argv`` in this process and returns this process's peak RSS
+    (MiB): the driver's own memory, not the Ray workers'."""
+    import resource
+
+    from pipelines.pretrain import main as pretrain
+    from pipelines.config_cli import parse_config
+
+    result = pretrain(parse_config(list(argv), prog="driver-memory"))
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "epochs": result["epochs"], "knn_top1": result["final_knn_top1"]}
+
+
+def _driver_rss_subprocess(root: Path, work: Path) -> float:
+    overrides = [f"data.root={root}", "data.source=imagefolder", "data.image_size=32", "augment.crop_size=32",
+                 "data.test_fraction=0.05", "train.knn_max_images=1000", "train.epochs=1", "model.width=0.125",
+                 "data.batch_size=256", "optim.warmup_epochs=0", "train.linear_epochs=5", "train.knn_k=20",
+                 f"train.storage_path={work}/ray", f"tracking.uri=sqlite:///{work}/mlflow.db",
+                 "tracking.register=false", f"train.run_name=memory-{root.name}", "scaling.num_workers=2",
+                 "scaling.cpus_per_worker=0.5"]
+    out = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "driver-memory", *overrides],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 50000), workdir: str = "") -> dict[str, float]:
+    """Streaming ingest (Ray Data: read + decode + two-view augment) vs torchvision ImageFolder +
+    DataLoader(num_workers=2) with per-image v2 transforms, on the same generated JPEG folder; then
+    the pipeline driver's peak RSS for a one-epoch run at each of ``memory_sizes`` images."""
+    import ray
+
+    from pipelines.pretrain import init_ray
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="sscl-ingest-"))
+    root = write_jpeg_folder(work / f"jpegs-{n_images}", n_images)
+    init_ray()
+    cfg = _ingest_config(root)
+    t_stream = _stream_epoch(cfg)
+    t_torch = _torchvision_epoch(root, cfg.augment.crop_size)
+    ray.shutdown()
+    row = {"stream_first_batch_s": t_stream[0], "stream_img_s": t_stream[1], "torchvision_first_batch_s": t_torch[0],
+           "torchvision_img_s": t_torch[1]}
+    print(f"ingest of {n_images} generated 64-px JPEGs -> two 32-px views, one epoch, {os.cpu_count()} cores")
+    print(f"{'pipeline':<44} {'first batch s':>13} {'img/s':>8}")
+    print(f"{'Ray Data: read + decode + TwoViewAugment':<44} {t_stream[0]:>13.2f} {t_stream[1]:>8.0f}")
+    print(f"{'torchvision ImageFolder + DataLoader(2) + v2':<44} {t_torch[0]:>13.2f} {t_torch[1]:>8.0f}")
+    print(f"{'ratio (Ray Data / torchvision)':<44} {t_stream[0] / t_torch[0]:>13.2f} {t_stream[1] / t_torch[1]:>8.2f}")
+    peaks = []
+    for size in memory_sizes:
+        folder = root if size == n_images else write_jpeg_folder(work / f"jpegs-{size}", size)
+        peaks.append(_driver_rss_subprocess(folder, work))
+        row[f"driver_peak_rss_mib_{size}"] = peaks[-1]
+    print(f"driver peak RSS, one pretraining epoch: " + ", ".join(
+        f"{size} images {peak:.0f} MiB" for size, peak in zip(memory_sizes, peaks)) +
+          f"; growth {peaks[-1] - peaks[0]:+.0f} MiB")
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "augment", "train"])
+    parser.add_argument("what", choices=["loss", "augment", "train", "ingest", "driver-memory"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=None, help="train: batch size (cpu 32, cuda 256)")
@@ -217,7 +341,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
                         help="retain: keep freed memory in the process, as the CPU training pipelines do "
                              "(sscl.train.retain_freed_memory); default: the C library's own behaviour")
-    args = parser.parse_args(argv)
+    parser.add_argument("--images", type=int, default=4000, help="ingest: images in the throughput comparison")
+    parser.add_argument("--memory-sizes", default="5000,50000", help="ingest: folder sizes for the driver's peak RSS")
+    parser.add_argument("--workdir", default="", help="ingest: where the JPEG folders go (default: a temp dir)")
+    args, rest = parser.parse_known_args(argv)
+    if args.what == "driver-memory":  # pipelines.pretrain's config arguments follow
+        print(json.dumps(driver_peak_rss(rest)))
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
     if args.allocator == "retain":
         from sscl.train import retain_freed_memory
@@ -225,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"allocator: freed memory retained in the process ({retain_freed_memory()})")
     else:
         print("allocator: the C library's default (freed memory returned to the OS)")
-    if args.what == "loss":
+    if args.what == "ingest":
+        bench_ingest(args.images, [int(s) for s in args.memory_sizes.split(",")], args.workdir)
+    elif args.what == "loss":
         bench_loss(args.device)
     elif args.what == "augment":
         bench_augment(args.device)

@@ -126,7 +126,7 @@ class TrainConfig:
                              ge=0)
     knn_k: int = _f(200, "kNN neighbours", ge=1)
     knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0)
-    linear_epochs: int = _f(100, "linear probe epochs at the end", ge=1)
+    linear_epochs: int = _f(100, "linear probe: L-BFGS iterations (full-batch passes) at each evaluation", ge=1)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`train.storage_path` on a two-node Ray cluster (two raylets on this machine)."""
+"""A two-node Ray cluster (two raylets on this machine): `train.storage_path` and streaming ingest."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
+    from conftest import free_port
+
+    # The dashboard answers Ray's state API (which node ran a task) and Ray Train's cleaner.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
+                                                             "dashboard_port": free_port()})
+    cluster.add_node(num_cpus=3)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     yield cluster
@@ -28,3 +32,27 @@ def test_storage_every_node_sees_passes_and_leaves_no_marker(tmp_path, two_nodes
     check_storage(str(tmp_path / "shared"))  # both raylets share this machine's disk
     assert list((tmp_path / "shared").iterdir()) == []
     check_storage("s3://bucket/sscl")  # object storage is not probed
+
+
+@pytest.mark.integration
+def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes, monkeypatch):
+    import ray
+    from ray.util.state import list_tasks
+
+    from pipelines.benchmark import write_jpeg_folder
+    from pipelines.pretrain import main
+    from sscl.config import load_config
+    from conftest import QUICKSTART, quick_overrides
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = write_jpeg_folder(tmp_path / "images", 600, side=32, n_classes=4)
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, "data.source=imagefolder", f"data.root={root}",
+                                                  "train.epochs=1", "tracking.register=false"))
+    result = main(cfg)
+    assert result["epochs"] == 1 and 0 <= result["final_knn_top1"] <= 1
+    decoders = list_tasks(filters=[("name", "=", "ReadBinary->MapBatches(_decode_files)")], limit=10_000,
+                          raise_on_missing_output=False)
+    if not decoders:  # Ray Data may name the fused read and decode stage differently
+        decoders = [t for t in list_tasks(limit=10_000, raise_on_missing_output=False) if "_decode_files" in t.name]
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert {t.node_id for t in decoders} == nodes, [(t.name, t.node_id) for t in decoders][:20]

@@ -1,0 +1,131 @@
+"""The pipeline streams from storage: the driver's memory does not grow with the data, corrupt files
+mid-stream are named or skipped and counted, evaluation on 2 workers equals one process, and the
+ImageNet presets run on a tiny folder of their layout. Real local Ray, real files, MLflow on sqlite."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.benchmark import write_jpeg_folder
+from sscl.config import load_config
+from conftest import QUICKSTART, quick_overrides
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[1]
+
+
+def folder_overrides(tmp_path, root, *extra):
+    return quick_overrides(tmp_path, "data.source=imagefolder", f"data.root={root}", "data.image_size=32",
+                           "train.epochs=1", "data.batch_size=32", "tracking.register=false", *extra)
+
+
+def driver_peak_mib(tmp_path, root, address) -> float:
+    overrides = folder_overrides(tmp_path, root, f"train.run_name=memory-{root.name}", "train.knn_max_images=300",
+                                 "data.test_fraction=0.05", "data.batch_size=128")
+    env = {**os.environ, "RAY_ADDRESS": address}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "driver-memory", "--config", str(QUICKSTART),
+                          *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == 1
+    return result["peak_rss_mib"]
+
+
+def test_driver_memory_does_not_grow_with_the_data(tmp_path, ray_cluster):
+    small = write_jpeg_folder(tmp_path / "small", 300, side=48)
+    large = write_jpeg_folder(tmp_path / "large", 3000, side=48)
+    small_peak = driver_peak_mib(tmp_path, small, ray_cluster.address_info["address"])
+    large_peak = driver_peak_mib(tmp_path, large, ray_cluster.address_info["address"])
+    # Decoded in the driver, 2,700 more images cost ~430 MiB (160 KiB each, measured before streaming).
+    assert large_peak - small_peak < 100, (small_peak, large_peak)
+
+
+def broken_folder(tmp_path):
+    root = write_jpeg_folder(tmp_path / "images", 200, side=32, n_classes=4)
+    (root / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not the rest of a JPEG")
+    return root
+
+
+def test_corrupt_image_mid_stream_fails_the_run_naming_it(tmp_path, ray_cluster, monkeypatch):
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = broken_folder(tmp_path)
+    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "train.max_failures=0", "train.run_name=corrupt"))
+    with pytest.raises(ValueError, match=r"broken\.jpg.*data\.skip_corrupt=true"):
+        main(cfg)
+
+
+def test_skip_corrupt_skips_and_logs_the_count(tmp_path, ray_cluster, monkeypatch):
+    import mlflow
+
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = broken_folder(tmp_path)
+    result = main(load_config(QUICKSTART, folder_overrides(tmp_path, root, "data.skip_corrupt=true",
+                                                             "train.run_name=skipping")))
+    assert result["skipped_images"] == 1
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.value for m in client.get_metric_history(result["run_id"], "skipped_images")] == [1.0]
+
+
+def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_path, ray_cluster, monkeypatch):
+    from pipelines.pretrain import eval_transform, load_trained, main
+    from sscl.data.sources import build_dataset
+    from sscl.evaluate import extract_features, knn_top1, linear_probe_top1
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, "train.epochs=1", "tracking.register=false",
+                                                  "train.run_name=eval-equal"))
+    assert cfg.scaling.num_workers == 2
+    result = main(cfg)
+    from ray.train import Checkpoint
+
+    checkpoints = sorted(p for p in (tmp_path / "ray" / "eval-equal").glob("checkpoint_*") if p.is_dir())
+    model, _ = load_trained(cfg, Checkpoint.from_directory(str(checkpoints[-1])))
+
+    def features(split):
+        rows = build_dataset(cfg.data, split).dataset.take_all()
+        batches = [{"image": np.stack([r["image"] for r in rows[i : i + cfg.data.eval_batch_size]]),
+                    "label": np.array([r["label"] for r in rows[i : i + cfg.data.eval_batch_size]])}
+                   for i in range(0, len(rows), cfg.data.eval_batch_size)]
+        return extract_features(model.encoder, batches, **eval_transform(cfg))
+
+    (train_f, train_y), (test_f, test_y) = features("eval_train"), features("eval_test")
+    assert len(train_y) + len(test_y) == 1797
+    assert result["final_knn_top1"] == knn_top1(train_f, train_y, test_f, test_y, k=cfg.train.knn_k,
+                                                 temperature=cfg.train.knn_temperature)
+    assert result["linear_top1"] == linear_probe_top1(train_f, train_y, test_f, test_y, epochs=cfg.train.linear_epochs,
+                                                      seed=cfg.train.seed)
+
+
+def test_imagenet_preset_on_a_tiny_train_val_tree(tmp_path, ray_cluster, monkeypatch):
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_jpeg_folder(tmp_path / "imagenet" / "train", 120, side=40, n_classes=3)
+    write_jpeg_folder(tmp_path / "imagenet" / "val", 30, side=40, n_classes=3, seed=1)
+    overrides = [f"data.root={tmp_path}/imagenet/train", f"data.eval_root={tmp_path}/imagenet/val",
+                 "data.image_size=40", "augment.crop_size=32", "data.batch_size=32", "data.eval_batch_size=64",
+                 "model.width=0.125", "model.hidden_dim=64", "loss.n_hard=16", "loss.n_synthetic=4", "train.epochs=1",
+                 "optim.warmup_epochs=0", "train.knn_every=1", "train.knn_k=10", "train.linear_epochs=5",
+                 "scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5",
+                 "scaling.sync_batchnorm=false", f"train.storage_path={tmp_path}/ray",
+                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.register=false"]
+    for preset in ("imagenet", "imagenet100"):
+        cfg = load_config(ROOT / "pipelines" / "configs" / f"{preset}.yaml", overrides)
+        assert cfg.optim.name == "lars" and cfg.augment.blur_p > 0 and cfg.data.eval_root
+        result = main(cfg)
+        assert result["epochs"] == 1 and 0 <= result["final_knn_top1"] <= 1
