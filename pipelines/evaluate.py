@@ -18,8 +18,14 @@ from sscl.data.sources import build_dataset
 from sscl.evaluate import evaluate_encoder
 
 
-def load_encoder(model_uri: str, tracking_uri: str = "") -> torch.nn.Module:
+def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True) -> torch.nn.Module:
     """Loads a registered encoder (pt2, no unpickling): ``models:/<name>@<alias>`` or ``/<version>``.
+
+    Args:
+        model_uri: the registry address.
+        tracking_uri: the tracking server or store.
+        resolve: let ``MLFLOW_TRACKING_URI`` win over ``tracking_uri`` (off in Ray tasks, which get
+            the driver's resolved URI and may have another process's environment).
 
     Raises:
         ValueError: naming the model when the registry does not have it.
@@ -29,7 +35,7 @@ def load_encoder(model_uri: str, tracking_uri: str = "") -> torch.nn.Module:
 
     from sscl import tracking
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri) if resolve else tracking_uri
     tracking.check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
@@ -46,7 +52,7 @@ def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str
 
     cfg = from_dict(cfg_dict)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(model_uri, tracking_uri).to(device)
+    encoder = load_encoder(model_uri, tracking_uri, resolve=False).to(device)
     batches = lambda ds: ds.iter_torch_batches(batch_size=cfg.data.eval_batch_size)  # noqa: E731
     return evaluate_encoder(encoder, batches(train_ds), batches(test_ds), device=device, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature, linear_epochs=cfg.train.linear_epochs,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -25,11 +24,11 @@ import torch
 from pipelines.config_cli import config_yaml
 from sscl.config import Config, flatten, from_dict, to_dict
 from sscl.data.augment import TwoViewAugment
-from sscl.data.sources import CorruptDataError, SkipCounter, build_dataset
+from sscl.data.sources import BadImages, CorruptDataError, build_dataset
 from sscl.evaluate import evaluate_encoder, extract_features
 from sscl.losses import get_loss, negative_similarities
 from sscl.models import build_model
-from sscl.train import build_optimizer, lr_at, retain_freed_memory, train_one_epoch
+from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 # Worker output goes through a logger: Ray Train forwards print() output to the driver twice.
 log = logging.getLogger("sscl.pretrain")
@@ -98,6 +97,11 @@ def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.devic
         return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=cfg.data.eval_batch_size)
 
     module = model.module if hasattr(model, "module") else model
+    if torch.distributed.is_initialized():
+        # BatchNorm running statistics drift apart between DDP ranks (each updates them from its own
+        # batches); evaluate every rank with rank 0's, the model that is checkpointed and registered.
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     metrics = evaluate_encoder(module.encoder, keep_first(batches("eval_train")), batches("eval_test"), device=device,
                                k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
                                linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
@@ -141,8 +145,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        retain_freed_memory()
     torch.manual_seed(cfg.train.seed + rank)
 
     model = model_from_config(cfg)
@@ -156,7 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+            state = {"similarities": None, **torch.load(Path(folder) / STATE_FILE, map_location=device,
+                                                        weights_only=True)}
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
@@ -205,8 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if (epoch + 1) % cfg.train.knn_every == 0 or last:
             evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device)
             metrics |= evaluated
-        if config.get("skip_counter") is not None and rank == 0:
-            metrics["skipped_images"] = ray.get(config["skip_counter"].count.remote())
+        if cfg.data.skip_corrupt and rank == 0:
+            metrics["skipped_images"] = ray.get(config["bad_images"].count.remote())
         state["epoch"], state["step"] = epoch + 1, result.next_step
         if rank == 0:
             state["history"].append(dict(metrics))
@@ -377,7 +380,7 @@ def _augmented(cfg: Config, pretrain):
     return pretrain
 
 
-def build_datasets(cfg: Config, skip_counter: Any = None) -> tuple[dict[str, Any], int]:
+def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any], int]:
     """The lazy training and evaluation datasets (listing only: nothing is decoded here).
 
     Returns:
@@ -386,15 +389,15 @@ def build_datasets(cfg: Config, skip_counter: Any = None) -> tuple[dict[str, Any
     Raises:
         FileNotFoundError, ConnectionError, ValueError: naming the path or key, before any worker starts.
     """
-    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, counter=skip_counter)
+    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, bad_images=bad_images)
     if pretrain.num_images < cfg.data.batch_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
                          "images")
     datasets = {
         "train": _augmented(cfg, pretrain.dataset),
         "eval_train": build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images,
-                                    counter=skip_counter).dataset,
-        "eval_test": build_dataset(cfg.data, "eval_test", counter=skip_counter).dataset,
+                                    bad_images=bad_images).dataset,
+        "eval_test": build_dataset(cfg.data, "eval_test", bad_images=bad_images).dataset,
     }
     return datasets, pretrain.num_images
 
@@ -422,11 +425,11 @@ def _data_config():
     return ExactEvalSplit()
 
 
-def skip_counter(cfg: Config):
-    """A ``SkipCounter`` actor when ``data.skip_corrupt`` is on (the decoding tasks report to it)."""
+def bad_images_actor():
+    """A ``BadImages`` actor: the decoding tasks report undecodable images to it."""
     import ray
 
-    return ray.remote(SkipCounter).options(num_cpus=0).remote() if cfg.data.skip_corrupt else None
+    return ray.remote(BadImages).options(num_cpus=0).remote()
 
 
 def prepare(cfg: Config) -> str:
@@ -439,12 +442,12 @@ def prepare(cfg: Config) -> str:
 
 
 def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None = None, n_pretrain: int = 0,
-        counter: Any = None, callbacks: Sequence[Any] = ()):
+        bad_images: Any = None, callbacks: Sequence[Any] = ()):
     """Runs (or resumes) the Ray Train run ``train.run_name`` under ``train.storage_path``.
 
     Args:
         run_id: the MLflow run rank 0 logs each epoch into.
-        datasets, n_pretrain, counter: from ``build_datasets`` / ``skip_counter`` (built here if not given).
+        datasets, n_pretrain, bad_images: from ``build_datasets`` / ``bad_images_actor`` (built here if not given).
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
 
     Returns:
@@ -463,12 +466,12 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     if datasets is None:
-        counter = skip_counter(cfg)
-        datasets, n_pretrain = build_datasets(cfg, counter)
+        bad_images = bad_images_actor()
+        datasets, n_pretrain = build_datasets(cfg, bad_images)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "n_pretrain": n_pretrain, "skip_counter": counter},
+                           "n_pretrain": n_pretrain, "bad_images": bad_images},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -484,10 +487,10 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     )
     try:
         return trainer.fit()
-    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless it is bad data
-        found = re.search(r"CorruptDataError: (.+)", str(err))
-        if found:
-            raise CorruptDataError(found.group(1).strip()) from None
+    except Exception:  # re-raised unchanged unless a decoding task said it met an undecodable image
+        message = ray.get(bad_images.first_error.remote(), timeout=30)
+        if message:
+            raise CorruptDataError(message) from None
         raise
 
 
@@ -565,13 +568,13 @@ def main(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     uri = prepare(cfg)
     init_ray()
-    counter = skip_counter(cfg)
-    datasets, n_pretrain = build_datasets(cfg, counter)  # bad paths fail here, before a run is created
+    bad_images = bad_images_actor()
+    datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, before a run is created
     run_id = _mlflow_run(cfg, uri)
     finished = _finished_result(cfg, run_id)
     if finished is not None:
         return finished
-    result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, counter=counter)
+    result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
     model, state = load_trained(cfg, result.checkpoint)
     return finish(cfg, model, state, run_id, uri, started)
 

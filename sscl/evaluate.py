@@ -132,7 +132,7 @@ def evaluate_encoder(
     result = {"knn_top1": correct / total}
     if linear_epochs:
         all_test, all_test_labels = gather_rows(test), gather_rows(test_labels)
-        accuracy = torch.zeros(1, device=device)
+        accuracy = torch.zeros(1, dtype=torch.float64, device=device)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             accuracy[0] = linear_probe_top1(bank, bank_labels, all_test, all_test_labels, epochs=linear_epochs,
                                             seed=seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sscl.config import load_config
-from sscl.data.sources import CorruptDataError, SkipCounter, build_dataset, read_cifar_file
+from sscl.data.sources import BadImages, CorruptDataError, build_dataset, read_cifar_file
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -204,12 +205,14 @@ def test_imagefolder_corrupt_image_fails_naming_it_or_is_skipped_and_counted(tmp
     good = png_bytes(rng_images(1, 40, seed=5)[0])
     (tmp_path / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
     cfg = data_cfg(source="imagefolder", root=str(tmp_path))
-    with pytest.raises(Exception, match=r"broken.png|truncated.png") as err:
-        rows(build_dataset(cfg, "pretrain"))
-    assert "data.skip_corrupt=true" in str(err.value)
-    counter = ray.remote(SkipCounter).remote()
+    failures = ray.remote(BadImages).remote()
+    with pytest.raises(Exception, match=r"broken.png|truncated.png"):
+        rows(build_dataset(cfg, "pretrain", bad_images=failures))
+    first_error = ray.get(failures.first_error.remote())  # what the driver reports when Ray truncates the traceback
+    assert re.search(r"cannot decode image .*(broken|truncated)\.png.*data\.skip_corrupt=true", first_error)
+    counter = ray.remote(BadImages).remote()
     skipping = data_cfg(source="imagefolder", root=str(tmp_path), skip_corrupt=True)
-    split = build_dataset(skipping, "pretrain", counter=counter)
+    split = build_dataset(skipping, "pretrain", bad_images=counter)
     assert split.num_images == 8 and len(rows(split)[0]) == 6
     assert len(rows(split)[0]) == 6  # a second epoch skips the same two files, counted once
     assert ray.get(counter.count.remote()) == 2

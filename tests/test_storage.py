@@ -55,4 +55,5 @@ def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes,
     if not decoders:  # Ray Data may name the fused read and decode stage differently
         decoders = [t for t in list_tasks(limit=10_000, raise_on_missing_output=False) if "_decode_files" in t.name]
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert {t.node_id for t in decoders} == nodes, [(t.name, t.node_id) for t in decoders][:20]
+    ran_on = {t.node_id for t in decoders if t.node_id}  # tasks cancelled before scheduling have none
+    assert ran_on == nodes, [(t.name, t.node_id) for t in decoders][:20]

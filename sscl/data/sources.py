@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from sscl.config import DataConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "SkipCounter", "Split", "build_dataset", "decode_image",
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "BadImages", "Split", "build_dataset", "decode_image",
            "folder_classes", "held_out", "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
@@ -111,25 +111,34 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         raise CorruptDataError(f"cannot decode image {where}: {err}") from None
 
 
-class SkipCounter:
-    """A Ray actor's class: the distinct files (or rows) skipped as undecodable with
-    ``data.skip_corrupt=true``, reported by the decoding tasks wherever they run."""
+class BadImages:
+    """A Ray actor's class: what the decoding tasks, wherever they run, met that could not be
+    decoded: the distinct files (or rows) skipped with ``data.skip_corrupt=true``, and the error
+    that stopped the stream otherwise (Ray Train truncates a worker's traceback, so the driver asks
+    here which file it was)."""
 
     def __init__(self) -> None:
         self.skipped: set[str] = set()
+        self.errors: list[str] = []
 
-    def add(self, where: str) -> None:
+    def skip(self, where: str) -> None:
         self.skipped.add(where)
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
 
     def count(self) -> int:
         return len(self.skipped)
 
     def examples(self, n: int = 5) -> list[str]:
         return sorted(self.skipped)[:n]
+
+    def first_error(self) -> str | None:
+        return self.errors[0] if self.errors else None
 
 
 @dataclass(frozen=True)
@@ -138,13 +147,13 @@ class _Decoder:
 
     Attributes:
         size: output side in pixels.
-        skip_corrupt: skip undecodable images (reported to ``counter``) instead of failing.
-        counter: a ``SkipCounter`` actor handle, or None.
+        skip_corrupt: skip undecodable images instead of failing.
+        bad_images: a ``BadImages`` actor handle told of each skipped image or failure, or None.
     """
 
     size: int
     skip_corrupt: bool
-    counter: Any = None
+    bad_images: Any = None
 
     def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
         images, kept = [], []
@@ -153,9 +162,12 @@ class _Decoder:
                 images.append(decode_image(value, self.size, name))
             except CorruptDataError as err:
                 if not self.skip_corrupt:
-                    raise CorruptDataError(f"{err} (set data.skip_corrupt=true to skip such images)") from None
-                if self.counter is not None:
-                    self.counter.add.remote(name)
+                    message = f"{err} (set data.skip_corrupt=true to skip such images)"
+                    if self.bad_images is not None:
+                        self.bad_images.fail.remote(message)
+                    raise CorruptDataError(message) from None
+                if self.bad_images is not None:
+                    self.bad_images.skip.remote(name)
                 continue
             kept.append(label)
         empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
@@ -455,7 +467,7 @@ def _keep_by_hash(batch: dict[str, np.ndarray], *, fraction: float) -> dict[str,
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
-                  counter: Any = None) -> Split:
+                  bad_images: Any = None) -> Split:
     """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64).
 
     Only paths and metadata are read here; images are read and decoded in Ray tasks when the
@@ -467,7 +479,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         max_images: evaluation sets: keep at most this many images (0 = all).
         seed: file-based pretraining sources: seeds the file order, a new order each epoch and the
             same sequence of orders after a restart; None keeps the listing order.
-        counter: a ``SkipCounter`` actor handle told of every image skipped as undecodable.
+        bad_images: a ``BadImages`` actor handle told of every undecodable image.
 
     Raises:
         FileNotFoundError: naming a missing root or file, or a folder without images.
@@ -483,7 +495,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         raise ValueError(f"data.eval_root={cfg.eval_root!r}: for imagefolder and parquet sources; {source} has its "
                          "own test split")
     if source in ("imagefolder", "parquet"):
-        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt, counter)
+        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt, bad_images)
         root = cfg.eval_root if split == "eval_test" and cfg.eval_root else cfg.root
         held = cfg.test_fraction if evaluation and not cfg.eval_root else None
         selection = _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
