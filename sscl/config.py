@@ -63,9 +63,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    device: str = _f("cpu", "where views are made: cpu (Ray Data actor pool) | gpu (inside the training loop)",
+    device: str = _f("cpu", "where views are made: cpu (Ray Data tasks) | gpu (inside the training loop)",
                      choices=("cpu", "gpu"))
-    num_actors: int = _f(1, "CPU augmentation actors in the Ray Data pool", ge=1)
+    max_tasks: int = _f(0, "augment.device=cpu: Ray Data tasks decoding and augmenting at once (0 = as many as "
+                        "free CPUs allow)", ge=0)
     crop_size: int = _f(32, "output side of the random resized crop", ge=8)
     crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
     flip_p: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
