@@ -154,12 +154,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "similarities": None}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "similarities": None, "initial": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = {"similarities": None, **torch.load(Path(folder) / STATE_FILE, map_location=device,
-                                                        weights_only=True)}
+            state = {"similarities": None, "initial": None, **torch.load(Path(folder) / STATE_FILE,
+                                                                         map_location=device, weights_only=True)}
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
@@ -194,6 +194,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state["epoch"] >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
         save(state["history"][-1] if state["history"] else {"epoch": state["epoch"]})
         return
+    if state["epoch"] == 0:
+        # The same protocol on the untrained encoder: the yardstick for what pretraining bought.
+        state["initial"], _ = evaluate_on_workers(model, cfg, device)
+        if rank == 0:
+            log.info("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
     for epoch in range(state["epoch"], cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
         bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch) if rank == 0 else None
@@ -603,6 +608,7 @@ def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: s
     if not evaluated:
         raise RuntimeError(f"run {cfg.train.run_name!r} has no evaluated epoch in its checkpoint")
     final = {"final_knn_top1": evaluated[-1]["knn_top1"], "linear_top1": evaluated[-1]["linear_top1"]}
+    initial = {f"initial_{k}": v for k, v in (state.get("initial") or {}).items()}  # the untrained encoder
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     tracking.wait_for_tracking_server(uri)  # down mid-run: the metrics wait in ``history``
@@ -610,7 +616,7 @@ def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: s
     if pending:
         print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(final)
+        mlflow.log_metrics({**final, **initial})
         mlflow.log_figure(tracking.plot_curves(history), "curves.png")
         if state.get("similarities"):
             sims = state["similarities"]
@@ -629,12 +635,14 @@ def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: s
             client.set_model_version_tag(cfg.tracking.model_name, str(version), key, value)
         champion = tracking.promote_if_better(cfg.tracking.model_name, version, knn_top1=final["final_knn_top1"],
                                               dataset=cfg.data.source)
-    out = {**final, "run_id": run_id, "model_name": cfg.tracking.model_name, "version": version, "champion": champion,
+    out = {**final, **initial, "run_id": run_id, "model_name": cfg.tracking.model_name, "version": version, "champion": champion,
            "seconds": time.perf_counter() - started, "epochs": len(history),
            "skipped_images": int(history[-1].get("skipped_images", 0))}
     labels = ", ".join([*aliases, *(["champion"] if champion else [])])
-    scores = (f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f} (frozen encoder, "
-              f"{cfg.data.source} evaluation set, {len(history)} epochs, {out['seconds']:.0f} s)")
+    untrained = (f" (untrained: {initial['initial_knn_top1']:.4f}, {initial['initial_linear_top1']:.4f})"
+                 if initial else "")
+    scores = (f"kNN top-1 {final['final_knn_top1']:.4f}, linear top-1 {final['linear_top1']:.4f}{untrained} "
+              f"(frozen encoder, {cfg.data.source} evaluation set, {len(history)} epochs, {out['seconds']:.0f} s)")
     if out["skipped_images"]:
         print(f"skipped {out['skipped_images']} undecodable image(s) (data.skip_corrupt=true); see the "
               "skipped_images metric")

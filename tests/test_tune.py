@@ -37,10 +37,10 @@ def test_sweep_stops_early_logs_parent_and_children_and_registers_the_best(tmp_p
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    # One learning rate that learns and two that barely move the encoder: in order, with one trial
+    # One SGD learning rate that learns and two that barely move the encoder: in order, with one trial
     # at a time, ASHA (grace 1 epoch, keep the top half) stops the weak ones after their first epoch.
     (tmp_path / "space.yaml").write_text("optim.lr: {grid: [0.3, 0.0001, 0.0001]}\nloss.name: sscl\n")
-    args = sweep_args(tmp_path, "lr", "tune.num_samples=1", "tune.reduction_factor=2")
+    args = sweep_args(tmp_path, "lr", "tune.num_samples=1", "tune.reduction_factor=2", "optim.name=sgd")
     cfg = load_config(QUICKSTART, args)
     space = load_space(tmp_path / "space.yaml", cfg)
     out = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
