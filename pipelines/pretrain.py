@@ -142,6 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = from_dict(config["cfg"])
     log.setLevel(logging.INFO)
+    for name in ("ray.train", "ray.data"):  # their per-report INFO lines would drown the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -25,6 +25,13 @@ def quick_overrides(tmp_path, *extra: str) -> list[str]:
             "data.batch_size=64", "train.linear_epochs=5", "train.knn_k=20", "optim.warmup_epochs=0", *extra]
 
 
+def pytest_collection_modifyitems(items):
+    """Every test not marked ``integration`` (Ray, MLflow servers, subprocess pipelines) is a ``unit`` test."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray

@@ -3,6 +3,8 @@ artifacts) and `ray job submit` of pretraining and a sweep, run exactly as the R
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import subprocess
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 from conftest import free_port
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[1]
 

@@ -17,6 +17,8 @@ import torch
 from conftest import QUICKSTART, free_port, quick_overrides
 from sscl.config import load_config
 
+pytestmark = pytest.mark.integration
+
 
 def wait_for(condition, timeout_s: float = 600, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s

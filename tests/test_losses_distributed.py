@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import dist_worker
 from sscl.losses import Mixing, sscl_loss
 
+pytestmark = pytest.mark.integration
+
 WORLD = 2
 
 

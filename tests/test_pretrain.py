@@ -12,6 +12,8 @@ from pipelines import evaluate, registry
 from sscl.config import load_config
 from conftest import QUICKSTART, free_port, quick_overrides
 
+pytestmark = pytest.mark.integration
+
 
 def quick_cfg(tmp_path, *extra):
     return load_config(QUICKSTART, quick_overrides(tmp_path, *extra))

@@ -16,7 +16,7 @@ from PIL import Image
 from sscl.config import load_config
 from sscl.data.sources import BadImages, CorruptDataError, build_dataset, read_cifar_file
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
 
 def rng_images(n, side, seed=0):

@@ -23,6 +23,7 @@ def two_nodes():
     cluster.shutdown()
 
 
+@pytest.mark.integration
 def test_storage_every_node_sees_passes_and_leaves_no_marker(tmp_path, two_nodes):
     import ray
 

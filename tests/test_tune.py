@@ -18,6 +18,8 @@ from conftest import QUICKSTART, quick_overrides
 from sscl.config import apply_overrides, load_config
 from sscl.search_space import load_space
 
+pytestmark = pytest.mark.integration
+
 
 def sweep_args(tmp_path, name: str, *extra: str) -> list[str]:
     return quick_overrides(tmp_path, f"tune.name={name}", "train.epochs=2", "scaling.num_workers=1",
