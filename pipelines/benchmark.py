@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: every figure is a ratio of two timings taken in the same run.
 
-    python -m pipelines.benchmark loss       # sscl_loss fwd+bwd vs nt_xent fwd+bwd
+    python -m pipelines.benchmark loss       # sscl_loss fwd+bwd vs nt_xent, and vs lightly's NTXentLoss
     python -m pipelines.benchmark augment    # batched TwoViewAugment vs per-image torchvision v2
     python -m pipelines.benchmark train      # SSCL training step vs SimCLR step, ResNet-18
     python -m pipelines.benchmark train --device cuda
@@ -49,7 +49,22 @@ def _interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, repeats: 
 
 # --------------------------------------------------------------------------- loss
 
-LOSS_SETTINGS = [(256, 128, 32, 8), (256, 128, 64, 32), (512, 128, 64, 256)]
+LOSS_SETTINGS = [(256, 128, 32, 8), (256, 128, 64, 32), (512, 128, 64, 256)]  # (B, D, n_hard, K)
+
+
+def _unit_views(b: int, d: int, device: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    z1 = F.normalize(torch.randn(b, d, device=device, generator=g), dim=1).requires_grad_(True)
+    z2 = F.normalize(torch.randn(b, d, device=device, generator=g), dim=1).requires_grad_(True)
+    return z1, z2
+
+
+def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z1: torch.Tensor, z2: torch.Tensor
+             ) -> Callable[[], None]:
+    def run() -> None:
+        loss_fn(z1, z2).backward()
+        z1.grad = z2.grad = None
+
+    return run
 
 
 def bench_loss(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> list[dict[str, float]]:
@@ -62,25 +77,13 @@ def bench_loss(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> list[
     print(f"{'B':>5} {'D':>5} {'n_hard':>7} {'K':>5} {'nt_xent ms':>11} {'hcl ms':>8} {'sscl ms':>8} {'hcl/nt':>7} {'sscl/nt':>8}")
     for b, d, n_hard, k in LOSS_SETTINGS:
         g = torch.Generator(device=device).manual_seed(0)
-        z1 = F.normalize(torch.randn(b, d, device=device, generator=g), dim=1).requires_grad_(True)
-        z2 = F.normalize(torch.randn(b, d, device=device, generator=g), dim=1).requires_grad_(True)
-
-        def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-            def run() -> None:
-                loss_fn().backward()
-                z1.grad = z2.grad = None
-
-            return run
-
+        z1, z2 = _unit_views(b, d, device, g)
         t = _interleaved(
             {
-                "nt": step(lambda: nt_xent(z1, z2, temperature=0.5)),
-                "hcl": step(lambda: hcl_loss(z1, z2, temperature=0.5, beta=1.0, tau_plus=0.1)),
-                "sscl": step(
-                    lambda: sscl_loss(
-                        z1, z2, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=n_hard, n_synthetic=k, generator=g
-                    )
-                ),
+                "nt": _fwd_bwd(lambda a, c: nt_xent(a, c, temperature=0.5), z1, z2),
+                "hcl": _fwd_bwd(lambda a, c: hcl_loss(a, c, temperature=0.5, beta=1.0, tau_plus=0.1), z1, z2),
+                "sscl": _fwd_bwd(lambda a, c: sscl_loss(a, c, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=n_hard,
+                                                        n_synthetic=k, generator=g), z1, z2),
             },
             rounds=rounds,
             repeats=repeats,
@@ -91,6 +94,50 @@ def bench_loss(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> list[
         rows.append(row)
         print(f"{b:>5} {d:>5} {n_hard:>7} {k:>5} {row['nt_ms']:>11.2f} {row['hcl_ms']:>8.2f} {row['sscl_ms']:>8.2f} "
               f"{row['hcl_ratio']:>7.2f} {row['sscl_ratio']:>8.2f}")
+    return rows
+
+
+LIGHTLY_SETTINGS = [(256, 128), (512, 128), (1024, 128)]  # (B, D); sscl_loss with n_hard 32, K = 8
+
+
+def bench_lightly(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> list[dict[str, float]]:
+    """Forward+backward time of ``sscl_loss`` (K = 8, n_hard 32) relative to lightly's plain ``NTXentLoss``.
+
+    lightly is the optional ``bench`` extra (``pip install --no-deps lightly``: only its loss module
+    is used). Its loss is first checked to equal ``nt_xent`` on the same inputs, so that the two
+    time the same objective. Returns no rows, and says so, when lightly is not importable.
+    """
+    from sscl.losses import nt_xent, sscl_loss
+
+    try:
+        from lightly.loss import NTXentLoss
+    except ImportError as exc:
+        print(f"lightly comparison skipped: lightly is not importable ({exc}); "
+              "install it with `pip install --no-deps lightly` (the optional 'bench' extra)")
+        return []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    lightly_loss = NTXentLoss(temperature=0.5)
+    rows = []
+    print(f"sscl_loss (n_hard 32, K 8) vs lightly NTXentLoss, forward+backward on {device} (median of {rounds} rounds)")
+    print(f"{'B':>5} {'D':>5} {'lightly ms':>11} {'sscl ms':>8} {'sscl/lightly':>13}")
+    for b, d in LIGHTLY_SETTINGS:
+        g = torch.Generator(device=device).manual_seed(0)
+        z1, z2 = _unit_views(b, d, device, g)
+        if not torch.allclose(lightly_loss(z1, z2), nt_xent(z1, z2, temperature=0.5), rtol=1e-5):
+            raise RuntimeError(f"lightly's NTXentLoss differs from nt_xent at B={b}: not the same objective")
+        t = _interleaved(
+            {
+                "lightly": _fwd_bwd(lightly_loss, z1, z2),
+                "sscl": _fwd_bwd(lambda a, c: sscl_loss(a, c, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=32,
+                                                        n_synthetic=8, generator=g), z1, z2),
+            },
+            rounds=rounds,
+            repeats=repeats,
+            sync=sync,
+        )
+        row = dict(B=b, D=d, lightly_ms=t["lightly"] * 1e3, sscl_ms=t["sscl"] * 1e3, ratio=t["sscl"] / t["lightly"])
+        rows.append(row)
+        print(f"{b:>5} {d:>5} {row['lightly_ms']:>11.2f} {row['sscl_ms']:>8.2f} {row['ratio']:>13.2f}")
     return rows
 
 
@@ -240,7 +287,7 @@ def _ingest_config(root: Path, *extra: str):
 
 def _stream_epoch(cfg) -> tuple[float, float, int]:
     """Time to the first batch, images/s and images of one epoch through the pipeline's own stages:
-    listing, read + decode in Ray tasks, two-view augmentation on the actor pool, torch batches."""
+    listing, read + decode + two-view augmentation in Ray tasks, torch batches."""
     from pipelines.pretrain import _augmented
     from sscl.data.sources import build_dataset
 
@@ -338,9 +385,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="train: batch size (cpu 32, cuda 256)")
     parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
     parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
-    parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
-                        help="retain: keep freed memory in the process, as the CPU training pipelines do "
-                             "(sscl.train.retain_freed_memory); default: the C library's own behaviour")
     parser.add_argument("--images", type=int, default=4000, help="ingest: images in the throughput comparison")
     parser.add_argument("--memory-sizes", default="5000,50000", help="ingest: folder sizes for the driver's peak RSS")
     parser.add_argument("--workdir", default="", help="ingest: where the JPEG folders go (default: a temp dir)")
@@ -351,16 +395,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
-    if args.allocator == "retain":
-        from sscl.train import retain_freed_memory
-
-        print(f"allocator: freed memory retained in the process ({retain_freed_memory()})")
-    else:
-        print("allocator: the C library's default (freed memory returned to the OS)")
     if args.what == "ingest":
         bench_ingest(args.images, [int(s) for s in args.memory_sizes.split(",")], args.workdir)
     elif args.what == "loss":
         bench_loss(args.device)
+        bench_lightly(args.device)
     elif args.what == "augment":
         bench_augment(args.device)
     else:

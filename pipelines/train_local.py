@@ -22,7 +22,7 @@ from sscl.data.digits import load_digits_images, split_indices
 from sscl.evaluate import knn_top1, linear_probe_top1
 from sscl.losses import LOSSES, get_loss
 from sscl.models import ENCODERS, build_model
-from sscl.train import OPTIMIZERS, build_optimizer, lr_at, retain_freed_memory, train_one_epoch
+from sscl.train import OPTIMIZERS, build_optimizer, lr_at, train_one_epoch
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,6 @@ def main(cfg: LocalConfig) -> dict[str, float]:
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
-    if cfg.device == "cpu":
-        retain_freed_memory()
     images, labels = load_digits_images()
     train_idx, test_idx = split_indices(len(images), seed=cfg.seed)
     train_x, test_x = images[train_idx], images[test_idx]

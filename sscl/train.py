@@ -7,9 +7,7 @@ the CPU beforehand, e.g. by Ray Data) or with ``image`` (uint8, augmented on the
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -18,34 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LARS", "OPTIMIZERS", "EpochResult", "build_optimizer", "lr_at", "retain_freed_memory", "train_one_epoch"]
-
-# mallopt parameters, from glibc's malloc.h.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def retain_freed_memory(keep_bytes: int = 1 << 30) -> bool:
-    """Keeps memory freed by tensors inside the process instead of handing it back to the OS.
-
-    glibc trims its heap as soon as a few MiB lie free at its top, so a CPU training step that
-    frees its (2B, 2B)-sized buffers page-faults the same memory in again on the next step: on a
-    2-core VM a B = 512 SSCL loss step took ~23 ms instead of ~15 ms (3,300 page faults per step)
-    in about half of the processes, depending on where the heap's free space happened to fall.
-    Raises glibc's mmap threshold to 32 MiB and its trim threshold to ``keep_bytes`` for the whole
-    process, as an allocator like jemalloc would behave. Call it once in a CPU training process.
-
-    Args:
-        keep_bytes: free memory the heap may hold before it is trimmed (below 2 GiB).
-
-    Returns:
-        Whether the C library took the settings (False off Linux or on a libc without mallopt).
-    """
-    if sys.platform != "linux":
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, keep_bytes))
+__all__ = ["LARS", "OPTIMIZERS", "EpochResult", "build_optimizer", "lr_at", "train_one_epoch"]
 
 
 class LARS(torch.optim.Optimizer):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -126,31 +124,3 @@ def test_bad_batches_fail_clearly():
     with pytest.raises(ValueError, match="view1"):
         train_one_epoch(model, [{"image": torch.zeros(2, 16, 16, 3, dtype=torch.uint8)}], loss_fn, opt,
                         lr_schedule=lambda s: 0.1)
-
-
-FREED_AND_KEPT = """
-import ctypes, sys, torch
-from sscl.train import retain_freed_memory
-class MallInfo(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo
-if sys.argv[1] == "retain":
-    assert retain_freed_memory()
-buffer = torch.ones(24 << 18)  # 24 MiB, written
-del buffer
-print(libc.mallinfo2().fordblks >> 20)  # MiB free inside the heap
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
-def test_freed_memory_stays_in_the_process():
-    # Each mode in a fresh interpreter: the settings hold for the whole process.
-    kept = {
-        mode: int(subprocess.run([sys.executable, "-c", FREED_AND_KEPT, mode], capture_output=True, text=True,
-                                 check=True, timeout=120).stdout)
-        for mode in ("default", "retain")
-    }
-    assert kept["default"] < 24  # glibc gives a freed 24 MiB block back to the OS
-    assert kept["retain"] >= 24  # ... and keeps it for the next step once told to
