@@ -156,18 +156,22 @@ class _Decoder:
     bad_images: Any = None
 
     def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        import ray
+
         images, kept = [], []
         for value, label, name in zip(values, labels, where):
             try:
                 images.append(decode_image(value, self.size, name))
             except CorruptDataError as err:
+                # Reported and waited for (rare: only bad images), so the driver's question that follows
+                # (which file stopped the run, how many were skipped this epoch) finds it recorded.
                 if not self.skip_corrupt:
                     message = f"{err} (set data.skip_corrupt=true to skip such images)"
                     if self.bad_images is not None:
-                        self.bad_images.fail.remote(message)
+                        ray.get(self.bad_images.fail.remote(message))
                     raise CorruptDataError(message) from None
                 if self.bad_images is not None:
-                    self.bad_images.skip.remote(name)
+                    ray.get(self.bad_images.skip.remote(name))
                 continue
             kept.append(label)
         empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
