@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from loss_reference import reference_loss, reference_nt_xent, reference_pool
-from sscl.losses import Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, nt_xent, sscl_loss
+from sscl.losses import LossDiagnostics, Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, nt_xent, sscl_loss
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -191,29 +192,21 @@ def clustered_views(b: int, d: int, small: int, seed: int = 0):
 @pytest.mark.parametrize(
     "case,b,d,n_hard",
     [
-        ("one pass", 16, 16, 5),
-        ("blocks", 64, 16, 8),  # 2B = 128 columns in 32 blocks of 4
-        ("blocks of 3", 51, 16, 8),  # 102 columns in 34 blocks of 3
-        ("no block size divides", 50, 16, 8),  # 100 columns: 3 does not divide, one pass
-        ("few positive entries", 16, 2, 20),  # on a circle about half the similarities are < 0
-        ("blocks, few positive entries", 64, 16, 8),  # clustered below
+        ("small batch", 16, 16, 5),
+        ("larger batch", 64, 16, 8),
+        ("odd batch", 51, 16, 8),
+        ("every real negative", 8, 16, 14),  # n_hard = 2B - 2
+        ("few positive similarities", 16, 2, 20),  # on a circle about half the similarities are < 0
+        ("clustered, few positive similarities", 64, 16, 8),  # clustered below
     ],
 )
 def test_drawn_pool_is_exactly_the_hardest_negatives(case, b, d, n_hard):
-    z1, z2 = clustered_views(b, d, small=3) if "few positive" in case and d > 2 else views(b, d=d, seed=29)
+    z1, z2 = clustered_views(b, d, small=3) if case.startswith("clustered") else views(b, d=d, seed=29)
     k = 40 * n_hard  # enough draws to see every pool member (a miss has probability < 1e-6)
     draw = draw_mixing(z1, z2, n_hard=n_hard, n_synthetic=k, generator=torch.Generator().manual_seed(0))
     pools = reference_pool(z1, z2, n_hard)
     for a in range(2 * b):
         assert set(draw.j1[a].tolist()) | set(draw.j2[a].tolist()) == pools[a], f"anchor {a}"
-
-
-def test_second_backward_is_refused():
-    z1, z2 = views(4)
-    loss = sscl_loss(z1, z2, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=2, n_synthetic=2)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass per forward"):
-        loss.backward()
 
 
 @pytest.mark.parametrize(
@@ -238,6 +231,97 @@ def test_stable_under_bf16_autocast(temperature, beta):
     exact = sscl_loss(z1.double(), z2.double(), temperature=temperature, beta=beta, tau_plus=0.1, n_hard=8,
                       n_synthetic=8, generator=torch.Generator().manual_seed(0))
     assert abs(loss.item() - exact.item()) / exact.item() < 0.05  # bf16 matmul, otherwise float32
+
+
+def debiased_by_hand(z1, z2, *, temperature, beta, tau_plus, mixing=None):
+    """Per anchor: (R - tau_plus N pos) / (1 - tau_plus) and the floor N exp(-1/t), by loops."""
+    z = torch.cat([z1, z2]).detach()
+    two_b, t = z.shape[0], temperature
+    out = []
+    for a in range(two_b):
+        p = (a + two_b // 2) % two_b
+        sims = [float(z[a] @ z[v]) for v in range(two_b) if v not in (a, p)]
+        if mixing is not None:
+            for j1, j2, al in zip(mixing.j1[a].tolist(), mixing.j2[a].tolist(), mixing.alpha[a].tolist()):
+                h = al * z[j1] + (1 - al) * z[j2]
+                sims.append(float(z[a] @ (h / h.norm())))
+        n = len(sims)
+        r = n * sum(math.exp((1 + beta) * s / t) for s in sims) / sum(math.exp(beta * s / t) for s in sims)
+        pos = math.exp(float(z[a] @ z[p]) / t)
+        out.append(((r - tau_plus * n * pos) / (1 - tau_plus), n * math.exp(-1 / t)))
+    return out
+
+
+def hardest_real_by_hand(z1, z2):
+    z = torch.cat([z1, z2]).detach()
+    two_b = z.shape[0]
+    hardest = [max(float(z[a] @ z[v]) for v in range(two_b) if v not in (a, (a + two_b // 2) % two_b))
+               for a in range(two_b)]
+    return sum(hardest) / two_b
+
+
+def test_diagnostics_floor_fraction_is_the_anchors_on_the_floor():
+    # Images 0-2: identical views, so pos = e^{1/t} dwarfs the negatives and tau_plus N pos > R: the
+    # floor binds. Images 3-5: opposite views, pos = e^{-1/t} is the smallest possible: it cannot.
+    b, t, tau_plus = 6, 0.1, 0.5
+    z1, _ = views(b, d=16, seed=31)
+    z2 = torch.cat([z1[:3], -z1[3:]]).detach().requires_grad_(True)
+    for beta in (0.0, 1.0):
+        by_hand = debiased_by_hand(z1, z2, temperature=t, beta=beta, tau_plus=tau_plus)
+        on_floor = [debiased <= floor for debiased, floor in by_hand]
+        assert on_floor == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+        loss, diag = hcl_loss(z1, z2, temperature=t, beta=beta, tau_plus=tau_plus, return_diagnostics=True)
+        assert diag.floor_fraction.item() == 0.5
+        torch.testing.assert_close(loss, hcl_loss(z1, z2, temperature=t, beta=beta, tau_plus=tau_plus), **TOL)
+    assert dcl_loss(z1, z2, temperature=t, tau_plus=tau_plus, return_diagnostics=True)[1].floor_fraction.item() == 0.5
+    # Without debiasing, R >= N e^{-1/t} always: nothing sits on the floor.
+    assert hcl_loss(z1, z2, temperature=t, beta=1.0, tau_plus=0.0, return_diagnostics=True)[1].floor_fraction == 0
+
+
+@pytest.mark.parametrize("tau_plus", [0.1, 0.6, 0.9])
+def test_diagnostics_floor_fraction_matches_the_formula(tau_plus):
+    b, k = 8, 5
+    z1, z2 = views(b, d=4, seed=37)
+    mixing = random_mixing(b, k=k)
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=tau_plus)
+    by_hand = debiased_by_hand(z1, z2, **hyper, mixing=mixing)
+    expected = sum(debiased <= floor for debiased, floor in by_hand) / (2 * b)
+    _, diag = sscl_loss(z1, z2, **hyper, n_hard=4, n_synthetic=k, mixing=mixing, return_diagnostics=True)
+    assert diag.floor_fraction.item() == expected
+    if tau_plus == 0.9:
+        assert 0 < expected < 1  # the floor binds for some anchors and not for others
+
+
+def test_diagnostics_hardest_real_and_synthetic_mean_by_hand():
+    b, k = 7, 3
+    z1, z2 = views(b, seed=41)
+    mixing = random_mixing(b, k=k)
+    hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=4, n_synthetic=k)
+    loss, diag = sscl_loss(z1, z2, **hyper, mixing=mixing, return_diagnostics=True)
+    assert isinstance(diag, LossDiagnostics) and not diag.hardest_real.requires_grad
+    torch.testing.assert_close(loss, sscl_loss(z1, z2, **hyper, mixing=mixing), **TOL)
+    hardest = hardest_real_by_hand(z1, z2)
+    assert diag.hardest_real.item() == pytest.approx(hardest, abs=1e-12)
+    z = torch.cat([z1, z2]).detach()
+    synthetic = []
+    for a in range(2 * b):
+        for j1, j2, al in zip(mixing.j1[a].tolist(), mixing.j2[a].tolist(), mixing.alpha[a].tolist()):
+            h = al * z[j1] + (1 - al) * z[j2]
+            synthetic.append(float(z[a] @ (h / h.norm())))
+    assert diag.synthetic_mean.item() == pytest.approx(sum(synthetic) / len(synthetic), abs=1e-12)
+    copies = [float(z[a] @ z[j]) for a in range(2 * b) for j in mixing.j1[a].tolist()]
+    _, copy = sscl_loss(z1, z2, **hyper, mode="copy", mixing=mixing, return_diagnostics=True)
+    assert copy.synthetic_mean.item() == pytest.approx(sum(copies) / len(copies), abs=1e-12)
+    # K = 0 (HCL, DCL, NT-Xent): no synthetic negatives, NaN; NT-Xent has no floor.
+    for fn in (lambda a, c, **kw: hcl_loss(a, c, temperature=0.5, beta=1.0, tau_plus=0.1, **kw),
+               lambda a, c, **kw: dcl_loss(a, c, temperature=0.5, tau_plus=0.1, **kw),
+               lambda a, c, **kw: nt_xent(a, c, temperature=0.5, **kw),
+               get_loss("sscl", **hyper | dict(n_synthetic=0, mode="mix"))):
+        value, diag = fn(z1, z2, return_diagnostics=True)
+        torch.testing.assert_close(value, fn(z1, z2), **TOL)
+        assert diag.hardest_real.item() == pytest.approx(hardest, abs=1e-12)
+        assert math.isnan(diag.synthetic_mean.item())
+    assert nt_xent(z1, z2, temperature=0.01, return_diagnostics=True)[1].floor_fraction.item() == 0
 
 
 def test_get_loss_registry():
