@@ -288,11 +288,11 @@ def _ingest_config(root: Path, *extra: str):
 def _stream_epoch(cfg) -> tuple[float, float, int]:
     """Time to the first batch, images/s and images of one epoch through the pipeline's own stages:
     listing, read + decode + two-view augmentation in Ray tasks, torch batches."""
-    from pipelines.pretrain import _augmented
+    from pipelines.datasets import train_stream
     from sscl.data.sources import build_dataset
 
     start = time.perf_counter()
-    dataset = _augmented(cfg, build_dataset(cfg.data, "pretrain", seed=0).dataset)
+    dataset = train_stream(cfg, build_dataset(cfg.data, "pretrain", seed=0).dataset)
     first, images = None, 0
     for batch in dataset.iter_torch_batches(batch_size=cfg.data.batch_size):
         first = first or time.perf_counter() - start
@@ -349,7 +349,7 @@ def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 5000
     the pipeline driver's peak RSS for a one-epoch run at each of ``memory_sizes`` images."""
     import ray
 
-    from pipelines.pretrain import init_ray
+    from pipelines.ray_checks import init_ray
 
     work = Path(workdir or tempfile.mkdtemp(prefix="sscl-ingest-"))
     root = write_jpeg_folder(work / f"jpegs-{n_images}", n_images)

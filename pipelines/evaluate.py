@@ -30,24 +30,16 @@ def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True
     Raises:
         ValueError: naming the model when the registry does not have it.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from sscl import tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri) if resolve else tracking_uri
-    tracking.check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pytorch.load_model(model_uri)
-    except MlflowException as err:
-        raise ValueError(f"cannot load {model_uri} from {tracking.redact_uri(uri)}: {err.message}") from None
+    return tracking.load_registered(uri, model_uri)
 
 
 def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds) -> dict[str, float]:
     """Runs as a Ray task with a Train worker's resources: streams both evaluation sets through the
     encoder on that task's device."""
-    from pipelines.pretrain import eval_transform
+    from pipelines.build import eval_transform
     from sscl.config import from_dict
 
     cfg = from_dict(cfg_dict)
@@ -64,7 +56,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     features), computed in a Ray task on one worker's device (``scaling.use_gpu``), streamed from storage."""
     import ray
 
-    from pipelines.pretrain import init_ray
+    from pipelines.ray_checks import init_ray
     from sscl import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)

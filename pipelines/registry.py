@@ -25,68 +25,40 @@ from sscl.config import ConfigError, load_config
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-def _client(tracking_uri: str = ""):
-    import mlflow
-
+def _uri(tracking_uri: str) -> str:
     from sscl import tracking
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient()
-
-
-def _version_row(v) -> dict[str, Any]:
-    return {"name": v.name, "version": str(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
-            "knn_top1": v.tags.get("knn_top1"), "dataset": v.tags.get("dataset")}
+    return tracking.resolve_tracking_uri(tracking_uri)
 
 
 def list_versions(name: str | None = None, tracking_uri: str = "") -> list[dict[str, Any]]:
     """Every version of every registered model (or of ``name``), newest first."""
-    client = _client(tracking_uri)
-    names = [name] if name else [m.name for m in client.search_registered_models()]
-    rows = []
-    for model in names:
-        rows += [_version_row(v) for v in client.search_model_versions(f"name = '{model}'")]
-    return sorted(rows, key=lambda r: (r["name"], -int(r["version"])))
+    from sscl import tracking
+
+    return tracking.list_versions(_uri(tracking_uri), name)
 
 
 def show(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """One version, resolved from ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, with its run."""
+    from sscl import tracking
+
     match = _MODEL_URI.match(model_uri)
     if not match:
         raise ValueError(f"model must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    try:
-        if match["alias"]:
-            version = client.get_model_version_by_alias(match["name"], match["alias"])
-        else:
-            version = client.get_model_version(match["name"], match["version"])
-    except MlflowException as err:
-        raise ValueError(f"{model_uri}: not in the registry ({err.message})") from None
-    run = client.get_run(version.run_id)
-    return _version_row(version) | {"metrics": run.data.metrics, "params": run.data.params}
+    return tracking.describe_version(_uri(tracking_uri), match["name"], alias=match["alias"], version=match["version"])
 
 
 def promote(name: str, version: str, alias: str = "champion", tracking_uri: str = "") -> dict[str, Any]:
     """Points ``alias`` at ``version`` (e.g. to roll back the champion by hand)."""
-    from mlflow.exceptions import MlflowException
+    from sscl import tracking
 
-    client = _client(tracking_uri)
-    try:
-        client.get_model_version(name, version)
-    except MlflowException as err:
-        raise ValueError(f"{name} version {version}: not in the registry ({err.message})") from None
-    client.set_registered_model_alias(name, alias, version)
-    return _version_row(client.get_model_version(name, version))
+    return tracking.set_alias(_uri(tracking_uri), name, version, alias)
 
 
 def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
     """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
     from pipelines.evaluate import load_encoder
-    from pipelines.pretrain import encode
+    from pipelines.build import encode
 
     cfg = load_config(config)
     path = Path(images_path)

@@ -30,6 +30,9 @@ from typing import Any, Sequence
 import yaml
 
 from pipelines import pretrain
+from pipelines.datasets import build_datasets
+from pipelines.ray_checks import init_ray, storage_path
+from sscl import tracking
 from sscl.config import Config, ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
 from sscl.search_space import SearchSpace, load_space, trial_values
 
@@ -52,7 +55,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: st
     checkpoints; its MLflow run is a child of the sweep's run. Its datasets are built here, lazily:
     the trial's Train workers stream them from storage like a single run's.
     """
-    import mlflow
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -64,8 +66,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], parent_run_id: st
         tags={"mlflow.parentRunId": parent_run_id, SWEEP_TAG: cfg.tune.name, "sscl.trial_id": trial_id},
     )
     pretrain.fit(cfg, run_id=run_id, uri=uri, callbacks=[TuneReportCallback()])
-    mlflow.set_tracking_uri(uri)
-    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+    tracking.end_run(uri, run_id)
 
 
 def trial_config(base: Config, values: dict[str, Any], trial_id: str, trials_path: str) -> Config:
@@ -89,17 +90,14 @@ def _fingerprint(cfg: Config, space: SearchSpace) -> str:
 
 def _sweep_run(cfg: Config, space: SearchSpace, uri: str) -> str:
     """The sweep's parent MLflow run; a rerun with a different config or space is refused."""
-    import mlflow
-
     fingerprint = _fingerprint(cfg, space)
     run_id = pretrain.open_run(cfg, uri, run_name=f"sweep-{cfg.tune.name}", params=flatten(cfg),
                                tags={SWEEP_TAG: cfg.tune.name, FINGERPRINT_TAG: fingerprint})
-    client = mlflow.MlflowClient()
-    recorded = client.get_run(run_id).data.tags.get(FINGERPRINT_TAG)
+    recorded = tracking.run_record(uri, run_id)[0].get(FINGERPRINT_TAG)
     if recorded != fingerprint:
         raise ValueError(f"tune.name={cfg.tune.name!r} already names a sweep with a different config or search "
                          f"space (MLflow run {run_id}); use a new tune.name to start another sweep")
-    client.log_text(run_id, yaml.safe_dump(space.to_dict(), sort_keys=False), "search_space.yaml")
+    tracking.log_to_run(uri, run_id, texts={"search_space.yaml": yaml.safe_dump(space.to_dict(), sort_keys=False)})
     return run_id
 
 
@@ -174,7 +172,6 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
         ``best`` (trial id, values, metric, registered version), ``trials`` (one row per trial),
         ``run_id`` (the sweep's MLflow run) and ``command`` (the best trial as a pretrain command).
     """
-    import mlflow
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -187,12 +184,11 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     # it; by default Tune waits 600 s before killing it, and its Train run keeps training meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
     uri = pretrain.prepare(cfg)
-    pretrain.init_ray()
-    pretrain.build_datasets(cfg)  # bad paths fail here, once, before any trial starts
+    init_ray()
+    build_datasets(cfg)  # bad paths fail here, once, before any trial starts
     parent = _sweep_run(cfg, space, uri)
-    client = mlflow.MlflowClient()
-    done = client.get_run(parent).data.tags.get(BEST_VERSION_TAG)
-    storage = pretrain.storage_path(cfg.train.storage_path) or str(Path("~/ray_results").expanduser())
+    done = tracking.run_record(uri, parent)[0].get(BEST_VERSION_TAG)
+    storage = storage_path(cfg.train.storage_path) or str(Path("~/ray_results").expanduser())
     experiment = f"{storage.rstrip('/')}/{cfg.tune.name}"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(cfg), parent_run_id=parent, uri=uri,
@@ -226,12 +222,12 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
         raise RuntimeError(f"sweep {cfg.tune.name!r}: every trial failed; first error: {rows[0]['error'] if rows else '-'}")
     best = (max if cfg.tune.metric == "knn_top1" else min)(finished, key=lambda r: r[cfg.tune.metric])
     command = best_command(cfg, best["values"], preset, overrides)
-    _log_summary(parent, rows, space, cfg.tune.metric, best)
+    _log_summary(uri, parent, rows, space, cfg.tune.metric, best)
     print(trials_table(rows, space.searched_keys, cfg.tune.metric))
     if done is None:
         version = _register_best(cfg, best, uri, parent, started)
-        client.set_tag(parent, BEST_VERSION_TAG, str(version))
-        client.set_terminated(parent, "FINISHED")
+        tracking.log_to_run(uri, parent, tags={BEST_VERSION_TAG: str(version)})
+        tracking.end_run(uri, parent)
     else:
         version = done
         print(f"sweep {cfg.tune.name!r} had already finished; its best encoder is version {version}")
@@ -274,21 +270,15 @@ def _trial_id_from_path(path: str | None) -> str:
 
 def _close_child_runs(cfg: Config, rows: list[dict[str, Any]], uri: str) -> None:
     """Trials ASHA stopped or that failed end their MLflow runs as KILLED or FAILED, with a tag saying why."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     for row in rows:
-        runs = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.`{pretrain.RUN_NAME_TAG}` = '{child_run_name(cfg, row['trial_id'])}'",
-                                  max_results=1)
-        if not runs:
+        found = tracking.named_run(uri, cfg.tracking.experiment, child_run_name(cfg, row["trial_id"]))
+        if found is None:
             continue
-        row["run_id"] = runs[0].info.run_id
-        client.set_tag(row["run_id"], "sscl.trial_status", row["status"])
+        row["run_id"], recorded = found
+        tracking.log_to_run(uri, row["run_id"], tags={"sscl.trial_status": row["status"]})
         status = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}[row["status"]]
-        if runs[0].info.status != status:
-            client.set_terminated(row["run_id"], status)
+        if recorded != status:
+            tracking.end_run(uri, row["run_id"], status)
 
 
 def _register_best(cfg: Config, best: dict[str, Any], uri: str, parent: str, started: float) -> str | None:
@@ -337,21 +327,15 @@ def trials_csv(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
     return out.getvalue()
 
 
-def _log_summary(parent: str, rows: list[dict[str, Any]], space: SearchSpace, metric: str, best: dict[str, Any]) -> None:
-    import mlflow
-
-    from sscl.tracking import plot_sweep
-
-    client = mlflow.MlflowClient()
+def _log_summary(uri: str, parent: str, rows: list[dict[str, Any]], space: SearchSpace, metric: str,
+                 best: dict[str, Any]) -> None:
     keys = space.searched_keys
-    client.log_text(parent, trials_csv(rows, keys, metric), "trials.csv")
-    client.log_figure(parent, plot_sweep(rows, keys, metric), "sweep.png")
-    client.log_metric(parent, f"best_{metric}", float(best[metric]))
-    for status in ("finished", "stopped early", "failed"):
-        client.log_metric(parent, f"trials_{status.replace(' ', '_')}", sum(r["status"] == status for r in rows))
-    client.set_tag(parent, "sscl.best_trial", best["trial_id"])
-    for key, value in best["values"].items():
-        client.set_tag(parent, f"best.{key}", str(value))
+    counts = {f"trials_{s.replace(' ', '_')}": sum(r["status"] == s for r in rows)
+              for s in ("finished", "stopped early", "failed")}
+    tracking.log_to_run(uri, parent, texts={"trials.csv": trials_csv(rows, keys, metric)},
+                        figures={"sweep.png": tracking.plot_sweep(rows, keys, metric)},
+                        metrics={f"best_{metric}": best[metric], **counts},
+                        tags={"sscl.best_trial": best["trial_id"], **{f"best.{k}": v for k, v in best["values"].items()}})
 
 
 def best_command(cfg: Config, values: dict[str, Any], preset: str | None, overrides: Sequence[str]) -> str:
@@ -363,9 +347,7 @@ def best_command(cfg: Config, values: dict[str, Any], preset: str | None, overri
     else:
         kept = [o for o in overrides if not o.startswith("tune.") and o.split("=", 1)[0] not in values
                 and not o.startswith("train.run_name=")]
-    from sscl.tracking import redact_uri
-
-    kept = [f"tracking.uri={redact_uri(o.split('=', 1)[1])}" if o.startswith("tracking.uri=") else o for o in kept]
+    kept = [f"tracking.uri={tracking.redact_uri(o.split('=', 1)[1])}" if o.startswith("tracking.uri=") else o for o in kept]
     chosen = [f"{k}={_format_value(v)}" for k, v in values.items()]
     parts = ["python", "-m", "pipelines.pretrain", *(["--config", preset] if preset else []), *kept, *chosen,
              f"train.run_name={cfg.tune.name}-best"]

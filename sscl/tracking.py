@@ -219,3 +219,250 @@ def log_params(params: Mapping[str, Any], uri_keys: Iterable[str] = ("tracking.u
 
     clean = {k: (redact_uri(str(v)) if k in uri_keys else v) for k, v in params.items()}
     mlflow.log_params(clean)
+
+
+# ---------------------------------------------------------------------------- runs and epochs
+
+RUN_NAME_TAG = "sscl.run_name"
+FINISHED_TAG = "sscl.finished_epochs"  # set once the encoder of that many epochs is logged
+VERSION_TAG = "sscl.registered_version"
+
+
+def open_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any], config_text: str,
+             tags: Mapping[str, str] | None = None) -> str:
+    """The MLflow run named ``run_name`` in ``experiment``, created (with ``params``, ``tags`` and the
+    redacted config as ``config.yaml``) if it does not exist yet.
+
+    One run per name, like Ray Train's checkpoints: a resumed or extended training appends to the run
+    it continues.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    client = mlflow.MlflowClient()
+    previous = find_runs(client, [experiment_id], {RUN_NAME_TAG: run_name}, max_results=1)
+    if previous:
+        return previous[0].info.run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
+    with mlflow.start_run(run_id=run.info.run_id):
+        log_params(params)
+        mlflow.log_text(config_text, "config.yaml")
+    client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def find_runs(client: Any, experiment_ids: Sequence[str], tags: Mapping[str, str], max_results: int = 1000) -> list:
+    """Runs carrying every tag of ``tags``, newest first; values are quoted for MLflow's filter syntax."""
+    clauses = [f"tags.`{key}` = '{quote_filter_value(value)}'" for key, value in tags.items()]
+    return client.search_runs(list(experiment_ids), filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def quote_filter_value(value: str) -> str:
+    """``value`` for a single-quoted string in an MLflow filter: backslashes and quotes escaped."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def run_record(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """The run's tags and latest metrics."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    data = mlflow.MlflowClient().get_run(run_id).data
+    return dict(data.tags), dict(data.metrics)
+
+
+def log_history(client: Any, run_id: str, history: Sequence[Mapping[str, float]]) -> int:
+    """Logs each epoch of ``history`` that ``run_id`` lacks (by ``epoch`` step); returns how many."""
+    from mlflow.entities import Metric
+
+    have = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    missing = [h for h in history if int(h["epoch"]) not in have]
+    now = int(time.time() * 1000)
+    for h in missing:
+        # "epoch" last: its presence marks the epoch as logged in full.
+        items = sorted(h.items(), key=lambda kv: kv[0] == "epoch")
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(h["epoch"])) for k, v in items])
+    return len(missing)
+
+
+class EpochLogger:
+    """Per-epoch metrics of a training worker (rank 0) into the driver's MLflow run, each epoch once.
+
+    ``sync(history)`` logs the checkpointed epochs the run does not have yet. If the tracking server
+    is unreachable, training goes on: the epochs stay pending, a warning says how many, and the next
+    sync (or the driver at the end) logs them.
+    """
+
+    def __init__(self, uri: str, run_id: str, warn: Any) -> None:
+        import mlflow
+
+        # Fail fast per call instead of MLflow's default of minutes of retries: a later sync retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.run_id, self.warn = run_id, warn
+        mlflow.set_tracking_uri(uri)
+        self.client = mlflow.MlflowClient()
+
+    def sync(self, history: Sequence[Mapping[str, float]]) -> None:
+        try:
+            log_history(self.client, self.run_id, history)
+        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+            self.warn(f"MLflow unreachable ({type(err).__name__}: {str(err)[:200]}); "
+                      "epoch metrics kept in the checkpoint and retried at the next checkpoint")
+
+
+def log_result(uri: str, run_id: str, *, history: Sequence[Mapping[str, float]], metrics: Mapping[str, float],
+               encoder: nn.Module, image_size: int, model_name: str | None,
+               similarities: Mapping[str, torch.Tensor] | None = None) -> tuple[str | None, int]:
+    """Closes a training run: pending epochs, final ``metrics``, the curves (and similarity
+    histogram), the encoder (registered as ``model_name`` unless None), and the finished tags.
+
+    Returns:
+        The registered version (None when not registered) and how many epochs were pending.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    wait_for_tracking_server(uri)  # down mid-run: the metrics wait in ``history``
+    pending = log_history(client, run_id, history)  # epochs rank 0 could not log while the server was down
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_figure(plot_curves(history), "curves.png")
+        if similarities:
+            figure = plot_similarity_histogram(similarities["real"].numpy(), similarities["synthetic"].numpy())
+            mlflow.log_figure(figure, "similarity_histogram.png")
+        info = log_encoder(encoder, image_size=image_size, model_name=model_name)
+    version = getattr(info, "registered_model_version", None)
+    client.set_tag(run_id, FINISHED_TAG, str(len(history)))
+    client.set_tag(run_id, VERSION_TAG, str(version))
+    return (None if version is None else str(version)), pending
+
+
+def label_version(model_name: str, version: str, *, aliases: Sequence[str] = (),
+                  tags: Mapping[str, str] | None = None) -> None:
+    """Points each of ``aliases`` at ``version`` and sets its ``tags``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for alias in aliases:
+        client.set_registered_model_alias(model_name, alias, version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+
+def named_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
+    """The (run id, status) of the newest run opened as ``run_name`` in ``experiment``, if any."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    runs = find_runs(client, [found.experiment_id], {RUN_NAME_TAG: run_name}, max_results=1) if found else []
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+
+
+def log_to_run(uri: str, run_id: str, *, texts: Mapping[str, str] | None = None, figures: Mapping[str, Any] | None = None,
+               metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    """Adds artifacts (``texts``/``figures`` by file name), ``metrics`` and ``tags`` to an existing run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    for name, text in (texts or {}).items():
+        client.log_text(run_id, text, name)
+    for name, figure in (figures or {}).items():
+        client.log_figure(run_id, figure, name)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Marks a run FINISHED, KILLED or FAILED."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+def _registry(uri: str):
+    import mlflow
+
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def _version_row(v: Any) -> dict[str, Any]:
+    return {"name": v.name, "version": str(v.version), "aliases": list(v.aliases), "run_id": v.run_id,
+            "knn_top1": v.tags.get("knn_top1"), "dataset": v.tags.get("dataset")}
+
+
+def list_versions(uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Every version of every registered model (or of ``name``), newest first."""
+    client = _registry(uri)
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    rows = []
+    for model in names:
+        rows += [_version_row(v) for v in client.search_model_versions(f"name = '{quote_filter_value(model)}'")]
+    return sorted(rows, key=lambda r: (r["name"], -int(r["version"])))
+
+
+def describe_version(uri: str, name: str, *, alias: str | None = None, version: str | None = None) -> dict[str, Any]:
+    """One version (by ``alias`` or ``version``) with its run's metrics and params.
+
+    Raises:
+        ValueError: naming the model when the registry does not have it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _registry(uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"models:/{name}{f'@{alias}' if alias else f'/{version}'}: not in the registry "
+                         f"({err.message})") from None
+    run = client.get_run(found.run_id)
+    return _version_row(found) | {"metrics": run.data.metrics, "params": run.data.params}
+
+
+def set_alias(uri: str, name: str, version: str, alias: str) -> dict[str, Any]:
+    """Points ``alias`` at ``version`` of ``name``; returns the version's row.
+
+    Raises:
+        ValueError: when the registry has no such version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _registry(uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"{name} version {version}: not in the registry ({err.message})") from None
+    client.set_registered_model_alias(name, alias, version)
+    return _version_row(client.get_model_version(name, version))
+
+
+def load_registered(uri: str, model_uri: str) -> nn.Module:
+    """The encoder registered at ``model_uri`` (``models:/<name>@<alias>`` or ``/<version>``), loaded
+    from its pt2 program (nothing unpickled).
+
+    Raises:
+        ConnectionError: when the tracking server is unreachable. ValueError: when the registry lacks the model.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pytorch.load_model(model_uri)
+    except MlflowException as err:
+        raise ValueError(f"cannot load {model_uri} from {redact_uri(uri)}: {err.message}") from None

@@ -27,7 +27,7 @@ def two_nodes():
 def test_storage_every_node_sees_passes_and_leaves_no_marker(tmp_path, two_nodes):
     import ray
 
-    from pipelines.pretrain import check_storage
+    from pipelines.ray_checks import check_storage
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     check_storage(str(tmp_path / "shared"))  # both raylets share this machine's disk

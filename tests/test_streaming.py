@@ -82,7 +82,8 @@ def test_skip_corrupt_skips_and_logs_the_count(tmp_path, ray_cluster, monkeypatc
 
 
 def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_path, ray_cluster, monkeypatch):
-    from pipelines.pretrain import eval_transform, load_trained, main
+    from pipelines.build import eval_transform
+    from pipelines.pretrain import load_trained, main
     from sscl.data.sources import build_dataset
     from sscl.evaluate import extract_features, knn_top1, linear_probe_top1
 

@@ -1,0 +1,53 @@
+"""The config's objects: model, loss, augmentation and evaluation transform, for every pipeline.
+
+The Ray Train workers, Tune trials, ``train_local``, ``evaluate`` and ``registry`` build them here, so
+a key reaches the maths in at most three hops: ``loss.beta`` -> ``loss_from_config`` -> ``sscl_loss``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sscl.config import Config
+from sscl.evaluate import extract_features
+from sscl.losses import get_loss
+from sscl.models import build_model
+
+
+def augment_kwargs(cfg: Config) -> dict[str, Any]:
+    """``TwoViewAugment`` keywords from the ``augment`` section (same field names)."""
+    a = cfg.augment
+    return dict(crop_size=a.crop_size, crop_scale=tuple(a.crop_scale), flip_p=a.flip_p, jitter_p=a.jitter_p,
+                brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+                grayscale_p=a.grayscale_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), mean=tuple(a.mean),
+                std=tuple(a.std))
+
+
+def model_from_config(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    return build_model(m.encoder, stem=m.stem, width=m.width, hidden_dim=m.hidden_dim, out_dim=m.out_dim,
+                       head_batchnorm=m.head_batchnorm)
+
+
+def loss_from_config(cfg: Config):
+    loss = cfg.loss
+    return get_loss(loss.name, temperature=loss.temperature, beta=loss.beta, tau_plus=loss.tau_plus,
+                    n_hard=loss.n_hard, n_synthetic=loss.n_synthetic, mode=loss.mode)
+
+
+def eval_transform(cfg: Config) -> dict[str, Any]:
+    """``extract_features`` keywords: the training crop size and normalisation."""
+    return dict(image_size=cfg.augment.crop_size, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
+
+
+def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen features (N, F) on the CPU of uint8 (N, H, W, 3) images held in memory (e.g. a user's
+    ``.npy`` batch), under the evaluation transform."""
+    step = cfg.data.eval_batch_size
+    batches = ({"image": images[i : i + step], "label": np.zeros(len(images[i : i + step]), dtype=np.int64)}
+               for i in range(0, len(images), step))
+    features, _ = extract_features(encoder, batches, device=device, **eval_transform(cfg))
+    return features.cpu()

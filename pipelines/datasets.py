@@ -1,0 +1,92 @@
+"""The Ray Datasets of a run: the lazy training stream (two fresh views per image every epoch) and
+the evaluation sets, and how Ray Train shards them across the workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipelines.build import augment_kwargs
+from sscl.config import Config
+from sscl.data.augment import TwoViewAugment
+from sscl.data.sources import BadImages, build_dataset
+
+EVAL_DATASETS = ("eval_train", "eval_test")
+
+
+def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any], int]:
+    """The lazy training and evaluation datasets (listing only: nothing is decoded here).
+
+    Returns:
+        ``{"train", "eval_train", "eval_test"}`` Ray Datasets and the number of pretraining images.
+
+    Raises:
+        FileNotFoundError, ConnectionError, ValueError: naming the path or key, before any worker starts.
+    """
+    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, bad_images=bad_images)
+    if pretrain.num_images < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
+                         "images")
+    datasets = {
+        "train": train_stream(cfg, pretrain.dataset),
+        "eval_train": build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images,
+                                    bad_images=bad_images).dataset,
+        "eval_test": build_dataset(cfg.data, "eval_test", bad_images=bad_images).dataset,
+    }
+    return datasets, pretrain.num_images
+
+
+def train_stream(cfg: Config, pretrain):
+    """Two fresh views per image every epoch, made in the Ray Data tasks that decode the images
+    unless made on the training device.
+
+    No global shuffle (an all-to-all barrier that would read the whole dataset before the first
+    batch): the files are read in a new seeded order each epoch and the workers shuffle locally.
+    """
+    import ray.data
+
+    pretrain = pretrain.select_columns(["image"])
+    if cfg.augment.device == "cpu":
+        # Plain tasks, fused with decoding, scale with the cluster's free CPUs; a fixed actor pool
+        # caps decoding at its size (on 2 cores both give ~800 img/s: `benchmark ingest`).
+        # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
+        tasks = ray.data.TaskPoolStrategy(size=cfg.augment.max_tasks) if cfg.augment.max_tasks else None
+        pretrain = pretrain.map_batches(two_views, fn_kwargs={"augment": augment_kwargs(cfg)}, batch_size=256,
+                                        batch_format="numpy", compute=tasks)
+    return pretrain
+
+
+def two_views(batch: dict[str, np.ndarray], *, augment: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A Ray Data task's step: ``TwoViewAugment`` (cheap to build) on a batch of decoded images."""
+    return TwoViewAugment(**augment)(batch)
+
+
+def data_config():
+    """Ray Train's dataset sharding: the training set split equally (every DDP worker takes the
+    same number of steps), the evaluation sets split exactly (every image evaluated once)."""
+    import ray.train
+
+    class ExactEvalSplit(ray.train.DataConfig):
+        # Ray Train configures one dataset per call, when the workers first ask for its shard.
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            exact = {k: v for k, v in datasets.items() if k in EVAL_DATASETS}
+            output = super().configure({k: v for k, v in datasets.items() if k not in exact}, world_size,
+                                       worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in exact.items():
+                ds = ds.copy(ds)
+                ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            return output
+
+    return ExactEvalSplit()
+
+
+def bad_images_actor():
+    """A ``BadImages`` actor: the decoding tasks report undecodable images to it."""
+    import ray
+
+    return ray.remote(BadImages).options(num_cpus=0).remote()

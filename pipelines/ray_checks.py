@@ -1,0 +1,94 @@
+"""Joining Ray, and what is checked on the cluster before any worker starts: room for the
+workers, and checkpoint storage every node can see."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from sscl.config import Config
+
+
+def init_ray() -> None:
+    """Joins the cluster in ``RAY_ADDRESS`` (a job or ``ray start``), else starts a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
+        # On small machines, more logical CPUs than cores keep the Train workers and the Ray Data
+        # actors from waiting on each other.
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
+
+
+def storage_path(path: str) -> str | None:
+    """Ray Train needs absolute local paths; URIs (s3://, gs://) pass through."""
+    if not path or "://" in path:
+        return path or None
+    return str(Path(path).expanduser().resolve())
+
+
+def check_resources(cfg: Config, nodes: Sequence[dict[str, float]]) -> None:
+    """Fails at once when ``scaling`` asks for more than the cluster's alive ``nodes`` hold.
+
+    Raises:
+        ValueError: naming the scaling keys, what they ask for and what the cluster has.
+    """
+    s = cfg.scaling
+    gpus = 1.0 if s.use_gpu else 0.0
+    total_cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    # Workers are placed whole: count how many fit node by node.
+    fit = sum(min(math.floor(n.get("CPU", 0.0) / s.cpus_per_worker + 1e-9),
+                  math.floor(n.get("GPU", 0.0) / gpus) if gpus else 10**9) for n in nodes)
+    if fit < s.num_workers:
+        ask = f"{s.cpus_per_worker:g} CPU{' + 1 GPU' if gpus else ''}"
+        raise ValueError(
+            f"scaling.num_workers={s.num_workers} x ({ask}) (scaling.cpus_per_worker, scaling.use_gpu) does not fit: "
+            f"the cluster has {total_cpu:g} CPUs and {total_gpu:g} GPUs on {len(nodes)} node(s), room for {fit} "
+            "worker(s); lower scaling.num_workers / scaling.cpus_per_worker or add nodes"
+        )
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_storage(path: str) -> None:
+    """On a multi-node cluster, a local ``train.storage_path`` must be visible from every node.
+
+    A marker file written here is looked for by a task pinned to each alive node. URIs (s3://,
+    gs://, ...) pass; so does anything on one node.
+
+    Raises:
+        ValueError: naming the nodes that cannot see the path, and what to use instead.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2 or "://" in (path or ""):
+        return
+    root = Path(storage_path(path) or Path("~/ray_results").expanduser())
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".sscl-shared-{os.getpid()}-{time.time_ns()}"
+    marker.write_text("written by the driver: is this storage shared by every node?")
+    try:
+        probe = ray.remote(num_cpus=0)(_path_exists)
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(marker)) for n in nodes], timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"train.storage_path={path or '~/ray_results'!r} is local to this node: node(s) {', '.join(blind)} of this "
+            f"{len(nodes)}-node cluster cannot see it. Use storage every node shares: an NFS mount at the same path "
+            "on all nodes, or object storage (s3://bucket/path, gs://bucket/path)"
+        )

@@ -1,0 +1,196 @@
+"""One Ray Train worker of a pretraining run: resume, train, evaluate on its shard, checkpoint, report."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config
+from sscl.config import Config, from_dict
+from sscl.data.augment import TwoViewAugment
+from sscl.evaluate import evaluate_encoder
+from sscl.losses import negative_similarities
+from sscl.tracking import EpochLogger
+from sscl.train import build_optimizer, lr_at, train_one_epoch
+
+# Worker output goes through a logger: Ray Train forwards print() output to the driver twice.
+log = logging.getLogger("sscl.pretrain")
+STATE_FILE = "state.pt"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: resumes from the latest checkpoint, trains, evaluates on its shard of the
+    evaluation sets, reports every epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    log.setLevel(logging.INFO)
+    for name in ("ray.train", "ray.data"):  # their per-report INFO lines would drown the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = model_from_config(cfg)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "similarities": None, "initial": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = {"similarities": None, "initial": None, **torch.load(Path(folder) / STATE_FILE,
+                                                                         map_location=device, weights_only=True)}
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    per_worker = cfg.data.batch_size // world
+    steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
+    total_steps = steps_per_epoch * cfg.train.epochs
+
+    def schedule(s: int) -> float:
+        return lr_at(s, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                     total_steps=total_steps, final_lr=cfg.optim.final_lr)
+
+    on_gpu = cfg.augment.device == "gpu"
+    augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if on_gpu else None
+    loss_fn = loss_from_config(cfg)
+    shard = ray.train.get_dataset_shard("train")
+    tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"], log.warning) if rank == 0 else None
+    if tracker:
+        tracker.sync(state["history"])  # epochs checkpointed before a crash but not logged yet
+
+    def save(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save({**state, "model": module.state_dict(), "optimizer": optimizer.state_dict()},
+                           Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if tracker:
+            # Logged once checkpointed: an epoch redone after a crash is never logged twice.
+            tracker.sync(state["history"])
+
+    if state["epoch"] >= cfg.train.epochs:  # resumed after the last epoch (e.g. the driver died while finishing)
+        save(state["history"][-1] if state["history"] else {"epoch": state["epoch"]})
+        return
+    if state["epoch"] == 0:
+        # The same protocol on the untrained encoder: the yardstick for what pretraining bought.
+        state["initial"], _ = evaluate_on_workers(model, cfg, device)
+        if rank == 0:
+            log.info("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
+        bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch) if rank == 0 else None
+        result = train_one_epoch(
+            model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
+            augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
+            on_step=bar.update if bar else None,
+        )
+        last = epoch + 1 == cfg.train.epochs
+        metrics: dict[str, float] = {"epoch": epoch + 1, "loss": result.loss, "lr": result.lr,
+                                     "images_per_second": result.images_per_second * world}
+        if (epoch + 1) % cfg.train.knn_every == 0 or last:
+            evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device)
+            metrics |= evaluated
+        if cfg.data.skip_corrupt and rank == 0:
+            metrics["skipped_images"] = ray.get(config["bad_images"].count.remote())
+        state["epoch"], state["step"] = epoch + 1, result.next_step
+        if rank == 0:
+            state["history"].append(dict(metrics))
+            log.info(_epoch_line(metrics, cfg.train.epochs))
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            save(metrics)
+        else:
+            ray.train.report(metrics)
+
+
+def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict]:
+    """kNN and linear top-1 of the encoder, every rank encoding its shard of the evaluation sets on
+    its own device (call on every rank); also anchor-negative similarities for the histogram.
+
+    Returns:
+        The metrics (the same on every rank) and ``{"real": ..., "synthetic": ...}`` similarities (CPU tensors).
+    """
+    import ray.train
+
+    first: dict[str, Any] = {}
+
+    def keep_first(batches):
+        for batch in batches:
+            first.setdefault("image", batch["image"])
+            yield batch
+
+    def batches(name: str):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=cfg.data.eval_batch_size)
+
+    module = model.module if hasattr(model, "module") else model
+    if torch.distributed.is_initialized():
+        # BatchNorm running statistics drift apart between DDP ranks (each updates them from its own
+        # batches); evaluate every rank with rank 0's, the model that is checkpointed and registered.
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    metrics = evaluate_encoder(module.encoder, keep_first(batches("eval_train")), batches("eval_test"), device=device,
+                               k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
+                               linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
+    return metrics, _similarities(module, first["image"], cfg, device)
+
+
+@torch.no_grad()
+def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device) -> dict:
+    """Real and synthetic negative similarities of the current model on two fresh views of a few
+    evaluation images (every rank takes the same number, as the loss gathers across ranks)."""
+    n = torch.tensor([min(len(images), 64)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        world = torch.distributed.get_world_size()
+    else:
+        world = 1
+    n = int(n.item())
+    view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:n].to(device))
+    was_training = module.training
+    module.eval()
+    z1, z2 = module(view1)[1].float(), module(view2)[1].float()
+    module.train(was_training)
+    n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
+    real, synthetic = negative_similarities(z1, z2, n_hard=min(cfg.loss.n_hard, 2 * n * world - 2), n_synthetic=n_syn,
+                                            mode=cfg.loss.mode)
+    return {"real": real.cpu(), "synthetic": synthetic.cpu()}
+
+
+def _epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    line = (f"epoch {int(metrics['epoch']):3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.4f}  "
+            f"img/s {metrics['images_per_second']:8.1f}")
+    for key in ("knn_top1", "linear_top1", "skipped_images"):
+        if key in metrics:
+            line += f"  {key} {metrics[key]:.4f}" if key != "skipped_images" else f"  skipped {int(metrics[key])}"
+    return line
+
+
+class _Progress:
+    """A text progress bar printed at each quarter of an epoch: worker output reaches the driver
+    (terminal or job log) line by line, where a redrawn bar would not."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, marks: int = 4) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.at = {max(1, round(steps * k / marks)) for k in range(1, marks)}
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: float) -> None:
+        if step in self.at:
+            done = step / self.steps
+            bar = "#" * round(20 * done)
+            log.info(f"epoch {self.epoch:3d}/{self.epochs} [{bar:<20}] {step}/{self.steps} steps  loss {loss:.4f}  "
+                     f"{time.perf_counter() - self.start:.0f} s")
