@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 import yaml
 
+from pipelines import console
 from sscl.config import Config, ConfigError, describe_keys, load_config, to_dict
+
+
+LOG_DIR = Path("logs")  # the driver's log files: library output and warnings
 
 
 def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = "") -> Config:
@@ -24,6 +30,8 @@ def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = ""
     )
     parser.add_argument("--config", help="YAML preset, e.g. pipelines/configs/quickstart.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the libraries' own output (default: only in the log file)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
@@ -37,6 +45,7 @@ def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = ""
     if args.print_config:
         print(config_yaml(cfg), end="")
         raise SystemExit(0)
+    console.setup(args.verbose, LOG_DIR / f"{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     return cfg
 
 

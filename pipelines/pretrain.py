@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from pipelines import console
 from pipelines.build import model_from_config
 from pipelines.config_cli import config_yaml
 from pipelines.datasets import bad_images_actor, build_datasets, data_config
@@ -76,14 +77,15 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     check_resources(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     check_storage(cfg.train.storage_path)
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose and sys.stderr.isatty()
+    progress = ray.remote(console.ProgressLines).options(num_cpus=0).remote()
     if datasets is None:
         bad_images = bad_images_actor()
         datasets, n_pretrain = build_datasets(cfg, bad_images)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
-                           "n_pretrain": n_pretrain, "bad_images": bad_images},
+                           "n_pretrain": n_pretrain, "bad_images": bad_images, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -98,7 +100,8 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         dataset_config=data_config(),
     )
     try:
-        return trainer.fit()
+        with console.Printer(progress):
+            return trainer.fit()
     except Exception:  # re-raised unchanged unless a decoding task said it met an undecodable image
         message = ray.get(bad_images.first_error.remote(), timeout=30)
         if message:
@@ -124,12 +127,26 @@ def main(cfg: Config) -> dict[str, Any]:
     datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, before a run is created
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}  # a sweep's keys are its own
     run_id = open_run(cfg, uri, run_name=cfg.train.run_name, params=params)
+    print(settings_line(cfg, n_pretrain, uri))
     finished = _finished_result(cfg, uri, run_id)
     if finished is not None:
         return finished
     result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
     model, state = load_trained(cfg, result.checkpoint)
     return finish(cfg, model, state, run_id, uri, started)
+
+
+def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
+    """The run's key settings, printed once at the start."""
+    loss, model, scaling = cfg.loss, cfg.model, cfg.scaling
+    hyper = {"simclr": "", "dcl": f" tau_plus {loss.tau_plus:g}", "hcl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g}",
+             "sscl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g} n_hard {loss.n_hard} K {loss.n_synthetic} "
+                     f"({loss.mode})"}[loss.name]
+    device = "GPU" if scaling.use_gpu else "CPU"
+    logs = f"; logs: {console.log_file}" if console.log_file else ""
+    return (f"run {cfg.train.run_name!r}: {cfg.data.source} ({n_pretrain} images), {model.encoder} x{model.width:g}, "
+            f"loss {loss.name} t {loss.temperature:g}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
+            f"{scaling.num_workers} {device} worker(s); MLflow {tracking.redact_uri(uri)}{logs}")
 
 
 def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: str, uri: str, started: float, *,
@@ -147,10 +164,11 @@ def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: s
     final = {"final_knn_top1": evaluated[-1]["knn_top1"], "linear_top1": evaluated[-1]["linear_top1"]}
     initial = {f"initial_{k}": v for k, v in (state.get("initial") or {}).items()}  # the untrained encoder
     name = cfg.tracking.model_name
-    version, pending = tracking.log_result(uri, run_id, history=history, metrics={**final, **initial},
-                                           encoder=model.encoder, image_size=cfg.augment.crop_size,
-                                           model_name=name if cfg.tracking.register else None,
-                                           similarities=state.get("similarities"))
+    with console.library_output():
+        version, pending = tracking.log_result(uri, run_id, history=history, metrics={**final, **initial},
+                                               encoder=model.encoder, image_size=cfg.augment.crop_size,
+                                               model_name=name if cfg.tracking.register else None,
+                                               similarities=state.get("similarities"))
     if pending:
         print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")
     champion = False

@@ -16,15 +16,17 @@ def init_ray() -> None:
     """Joins the cluster in ``RAY_ADDRESS`` (a job or ``ray start``), else starts a local one."""
     import ray
 
+    from pipelines import console
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**console.ray_init_options())
     else:
         # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
         # On small machines, more logical CPUs than cores keep the Train workers and the Ray Data
         # actors from waiting on each other.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **console.ray_init_options())
 
 
 def storage_path(path: str) -> str | None:

@@ -95,7 +95,7 @@ def main(cfg: LocalConfig) -> dict[str, float]:
             result = train_one_epoch(
                 model, _batches(train_x, cfg.batch_size, rng), loss_fn, optimizer, lr_schedule=schedule,
                 start_step=step, device=cfg.device, augment=augment.views, amp=cfg.amp,
-                on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+                on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{float(loss):.3f}")),
             )
         step = result.next_step
         knn = knn_top1(_features(model, train_x, cfg.device), train_y, _features(model, test_x, cfg.device), test_y)

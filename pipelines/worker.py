@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,6 +69,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = loss_from_config(cfg)
     shard = ray.train.get_dataset_shard("train")
     tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"], log.warning) if rank == 0 else None
+    board = config.get("progress")  # the driver prints what rank 0 posts there (pipelines.console)
+    say = (lambda line: board.post.remote(line)) if board is not None else log.info
     if tracker:
         tracker.sync(state["history"])  # epochs checkpointed before a crash but not logged yet
 
@@ -90,18 +93,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The same protocol on the untrained encoder: the yardstick for what pretraining bought.
         state["initial"], _ = evaluate_on_workers(model, cfg, device)
         if rank == 0:
-            log.info("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
+            say("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
     for epoch in range(state["epoch"], cfg.train.epochs):
         batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
-        bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch) if rank == 0 else None
+        bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch, say) if rank == 0 else None
         result = train_one_epoch(
             model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
             augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
-            on_step=bar.update if bar else None,
+            on_step=bar.update if bar else None, diagnostics=True,
         )
         last = epoch + 1 == cfg.train.epochs
         metrics: dict[str, float] = {"epoch": epoch + 1, "loss": result.loss, "lr": result.lr,
-                                     "images_per_second": result.images_per_second * world}
+                                     "images_per_second": result.images_per_second * world,
+                                     # How the negatives behaved (rank 0's anchors): see LossDiagnostics.
+                                     **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}
         if (epoch + 1) % cfg.train.knn_every == 0 or last:
             evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device)
             metrics |= evaluated
@@ -110,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["epoch"], state["step"] = epoch + 1, result.next_step
         if rank == 0:
             state["history"].append(dict(metrics))
-            log.info(_epoch_line(metrics, cfg.train.epochs))
+            say(_epoch_line(metrics, cfg.train.epochs))
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             save(metrics)
         else:
@@ -183,14 +188,14 @@ class _Progress:
     """A text progress bar printed at each quarter of an epoch: worker output reaches the driver
     (terminal or job log) line by line, where a redrawn bar would not."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, marks: int = 4) -> None:
-        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+    def __init__(self, epoch: int, epochs: int, steps: int, say: Callable[[str], Any], marks: int = 4) -> None:
+        self.epoch, self.epochs, self.steps, self.say = epoch, epochs, steps, say
         self.at = {max(1, round(steps * k / marks)) for k in range(1, marks)}
         self.start = time.perf_counter()
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: torch.Tensor) -> None:
         if step in self.at:
             done = step / self.steps
             bar = "#" * round(20 * done)
-            log.info(f"epoch {self.epoch:3d}/{self.epochs} [{bar:<20}] {step}/{self.steps} steps  loss {loss:.4f}  "
+            self.say(f"epoch {self.epoch:3d}/{self.epochs} [{bar:<20}] {step}/{self.steps} steps  loss {float(loss):.4f}  "
                      f"{time.perf_counter() - self.start:.0f} s")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -120,13 +120,15 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, fin
 
 @dataclass(frozen=True)
 class EpochResult:
-    """Attributes: loss (mean over steps), images_per_second, steps, lr (last step's), next_step."""
+    """Attributes: loss (mean over steps), images_per_second, steps, lr (last step's), next_step, and
+    ``diagnostics``: the loss's ``LossDiagnostics`` fields averaged over steps (empty unless asked for)."""
 
     loss: float
     images_per_second: float
     steps: int
     lr: float
     next_step: int
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 def _to_tensor(value: Any, device: torch.device) -> torch.Tensor:
@@ -146,7 +148,8 @@ def train_one_epoch(
     augment: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     amp: bool = False,
     max_steps: int | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    diagnostics: bool = False,
 ) -> EpochResult:
     """Runs one pass of contrastive training.
 
@@ -163,7 +166,9 @@ def train_one_epoch(
             ``TwoViewAugment(...).views``: augmentation on the training device.
         amp: bf16 autocast for the forward pass (the loss computes in float32 internally).
         max_steps: stop after this many steps (for a fixed number of steps per epoch).
-        on_step: called with (step index in epoch, loss) after each step (e.g. a progress bar).
+        on_step: called with (step index in epoch, detached loss tensor) after each step (e.g. a
+            progress bar): reading the tensor waits for the device, so read it only to print it.
+        diagnostics: call ``loss_fn(z1, z2, return_diagnostics=True)`` and average its diagnostics.
 
     Returns:
         ``EpochResult``; loss is the mean over steps.
@@ -174,6 +179,7 @@ def train_one_epoch(
     device = torch.device(device)
     model.train()
     total_loss, steps, images, lr = torch.zeros((), device=device), 0, 0, 0.0
+    totals: dict[str, torch.Tensor] = {}  # diagnostics summed on the device: no host sync per step
     start = time.perf_counter()
     for batch in batches:
         if max_steps is not None and steps >= max_steps:
@@ -193,7 +199,12 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             _, z = model(torch.cat([view1, view2]))
         z1, z2 = z.float().chunk(2)
-        loss = loss_fn(z1, z2)
+        if diagnostics:
+            loss, found = loss_fn(z1, z2, return_diagnostics=True)
+            for name, value in asdict(found).items():
+                totals[name] = totals.get(name, 0) + value
+        else:
+            loss = loss_fn(z1, z2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,14 +212,10 @@ def train_one_epoch(
         steps += 1
         images += view1.shape[0]
         if on_step is not None:
-            on_step(steps, loss.detach().item())
+            on_step(steps, loss.detach())
     if steps == 0:
         raise ValueError("the epoch had no batches: the dataset is empty or smaller than one batch")
+    mean_loss = float(total_loss) / steps  # waits for the device's last step
     elapsed = time.perf_counter() - start
-    return EpochResult(
-        loss=float(total_loss) / steps,
-        images_per_second=images / elapsed,
-        steps=steps,
-        lr=lr,
-        next_step=start_step + steps,
-    )
+    return EpochResult(loss=mean_loss, images_per_second=images / elapsed, steps=steps, lr=lr,
+                       next_step=start_step + steps, diagnostics={k: float(v) / steps for k, v in totals.items()})

@@ -3,6 +3,11 @@ and a real ``mlflow server`` process on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -19,61 +24,110 @@ def quick_cfg(tmp_path, *extra):
     return load_config(QUICKSTART, quick_overrides(tmp_path, *extra))
 
 
-def test_pretrain_registers_loads_without_pickle_and_resumes(tmp_path, ray_cluster, monkeypatch):
-    import mlflow
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """Two epochs through the command line, as a user runs it; then the same run name extended to
+    four epochs; then the same command once more."""
     from pipelines.pretrain import main
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # MLflow puts a sqlite store's artifacts in ./mlruns
-    first = main(quick_cfg(tmp_path, "train.epochs=2"))
-    assert first["epochs"] == 2 and str(first["version"]) == "1" and first["champion"]
+    tmp = tmp_path_factory.mktemp("pretrain")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}  # the job joins this cluster
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "pipelines.pretrain", "--config", str(QUICKSTART),
+               *quick_overrides(tmp, "train.epochs=2")]
+    console = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert console.returncode == 0, console.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(tmp)  # MLflow puts a sqlite store's artifacts in ./mlruns
+        second = main(quick_cfg(tmp, "train.epochs=4"))
+        again = main(quick_cfg(tmp, "train.epochs=4"))
+    return SimpleNamespace(tmp=tmp, uri=f"sqlite:///{tmp}/mlflow.db", console=console, second=second, again=again)
 
-    # Rerunning the same run name with more epochs continues from the checkpoint.
-    second = main(quick_cfg(tmp_path, "train.epochs=4"))
-    assert second["run_id"] == first["run_id"] and second["epochs"] == 4 and str(second["version"]) == "2"
+
+@pytest.fixture
+def client(trained, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(trained.tmp)
+    mlflow.set_tracking_uri(trained.uri)
+    return mlflow.MlflowClient()
+
+
+def test_console_shows_settings_progress_and_result_without_ray_internals(trained):
+    lines = (trained.console.stdout + trained.console.stderr).splitlines()
+    # Ray's raylet may still warn about this machine (e.g. worker start-up on 2 cores): not ours to hide.
+    ours = [line for line in lines if "(raylet)" not in line]
+    assert ours[0].startswith("run 'quickstart': digits (1438 images), resnet18 x0.125, loss sscl t 0.2")
+    assert "logs: logs/pretrain-" in ours[0] and any((trained.tmp / "logs").glob("pretrain-*.log"))
+    assert ours[1].startswith("before training: knn_top1")
+    assert [line.split("  loss")[0] for line in ours if line.startswith("epoch") and "steps" not in line] == [
+        "epoch   1/2", "epoch   2/2"]
+    assert ours[-3].startswith("registered sscl-digits version 1 (champion): kNN top-1")
+    assert ours[-2] == "load it: mlflow.pytorch.load_model('models:/sscl-digits/1')" and ours[-1].startswith("browse:")
+    known = ("run ", "before training", "epoch ", "registered ", "load it", "browse")
+    assert [line for line in ours if not line.startswith(known)] == []
+
+
+def test_rerun_with_more_epochs_continues_the_same_run_and_registers_once_more(trained, client):
+    (first,) = client.search_runs([client.get_experiment_by_name("sscl-quickstart").experiment_id])
+    assert trained.second["run_id"] == first.info.run_id and trained.second["epochs"] == 4
+    assert str(trained.second["version"]) == "2"
     # The same command once more: already finished, nothing retrained or registered again.
-    again = main(quick_cfg(tmp_path, "train.epochs=4"))
-    assert again["run_id"] == first["run_id"] and again["version"] == "2"
-    assert again["final_knn_top1"] == pytest.approx(second["final_knn_top1"])
+    assert trained.again["run_id"] == first.info.run_id and trained.again["version"] == "2"
+    assert trained.again["final_knn_top1"] == pytest.approx(trained.second["final_knn_top1"])
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    client = MlflowClient()
-    history = client.get_metric_history(first["run_id"], "knn_top1")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # every epoch once, across the resume
-    losses = [m.value for m in sorted(client.get_metric_history(first["run_id"], "loss"), key=lambda m: m.step)]
+
+def test_every_epoch_is_logged_once_across_the_resume(trained, client):
+    run_id = trained.second["run_id"]
+    for key in ("knn_top1", "loss", "neg_floor_fraction", "neg_hardest_real", "neg_synthetic_mean"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0]
-    run = client.get_run(first["run_id"])
-    for key in ("final_knn_top1", "linear_top1", "lr", "images_per_second"):
+    floor = [m.value for m in client.get_metric_history(run_id, "neg_floor_fraction")]
+    assert all(0 <= f <= 1 for f in floor)
+
+
+def test_run_records_params_final_metrics_and_plots(trained, client):
+    run = client.get_run(trained.second["run_id"])
+    for key in ("final_knn_top1", "linear_top1", "initial_knn_top1", "lr", "images_per_second"):
         assert key in run.data.metrics
     assert run.data.params["loss.name"] == "sscl" and run.data.params["scaling.num_workers"] == "2"
-    assert {"config.yaml", "curves.png", "similarity_histogram.png"} <= {a.path for a in client.list_artifacts(first["run_id"])}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "similarity_histogram.png"} <= artifacts
 
-    # The optimizer state travelled with the checkpoint: 4 epochs of steps, AdamW's step counts too.
-    checkpoints = sorted(p for p in (tmp_path / "ray" / "quickstart").glob("checkpoint_*") if p.is_dir())
+
+def test_optimizer_state_travels_with_the_checkpoint(trained):
+    checkpoints = sorted(p for p in (trained.tmp / "ray" / "quickstart").glob("checkpoint_*") if p.is_dir())
     state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
-    assert state["epoch"] == 4 and state["step"] == 4 * ((1797 - 359) // 64)
     steps = 4 * ((1797 - 359) // 64)
+    assert state["epoch"] == 4 and state["step"] == steps
     assert all(int(s["step"]) == steps for s in state["optimizer"]["state"].values())  # AdamW's, across the resume
 
-    champion = client.get_model_version_by_alias("sscl-digits", "champion")
-    assert str(champion.version) in ("1", "2")
+
+def test_registered_encoders_load_by_alias_and_version_without_pickle(trained, client, monkeypatch):
+    import mlflow
+
+    assert str(client.get_model_version_by_alias("sscl-digits", "champion").version) in ("1", "2")
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     for address in ("models:/sscl-digits@champion", "models:/sscl-digits/2"):
         model = mlflow.pytorch.load_model(address)
         assert model(torch.randn(5, 3, 32, 32)).shape == (5, 64)  # ResNet-18 at width 0.125: 512 / 8
 
-    # The evaluation pipeline on the registered (exported) encoder reproduces the recorded score.
-    cfg = quick_cfg(tmp_path)
-    evaluated = evaluate.main(cfg, "models:/sscl-digits/2")
-    assert abs(evaluated["knn_top1"] - second["final_knn_top1"]) <= 0.01
-    # Registry lookups.
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+def test_evaluating_the_registered_encoder_reproduces_the_recorded_score(trained, client):
+    evaluated = evaluate.main(quick_cfg(trained.tmp), "models:/sscl-digits/2")
+    assert abs(evaluated["knn_top1"] - trained.second["final_knn_top1"]) <= 0.01
+
+
+def test_registry_lists_shows_promotes_and_embeds(trained, client, tmp_path):
+    uri = trained.uri
     rows = registry.list_versions("sscl-digits", uri)
     assert [r["version"] for r in rows] == ["2", "1"] and rows[0]["dataset"] == "digits"
+    holder = registry.show("models:/sscl-digits@champion", uri)["version"]
     registry.promote("sscl-digits", "1", "champion", uri)
     assert registry.show("models:/sscl-digits@champion", uri)["version"] == "1"
+    registry.promote("sscl-digits", holder, "champion", uri)
     with pytest.raises(ValueError, match="not in the registry"):
         registry.show("models:/sscl-digits/99", uri)
     np.save(tmp_path / "batch.npy", np.zeros((3, 32, 32, 3), dtype=np.uint8))

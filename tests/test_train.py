@@ -124,3 +124,26 @@ def test_bad_batches_fail_clearly():
     with pytest.raises(ValueError, match="view1"):
         train_one_epoch(model, [{"image": torch.zeros(2, 16, 16, 3, dtype=torch.uint8)}], loss_fn, opt,
                         lr_schedule=lambda s: 0.1)
+
+
+def test_epoch_diagnostics_are_the_mean_of_each_steps_loss_diagnostics():
+    batches = fixed_batches(n_batches=3)
+    loss_fn = get_loss("sscl", **HYPER)
+    seen = []
+
+    def recording(z1, z2, **kwargs):
+        torch.manual_seed(len(seen))  # the same draw in both passes below
+        loss, found = loss_fn(z1, z2, **kwargs)
+        seen.append({k: float(v) for k, v in vars(found).items()})
+        return loss, found
+
+    model = small_model()
+    result = train_one_epoch(model, batches, recording, build_optimizer(model, "sgd", lr=0.0),
+                             lr_schedule=lambda s: 0.0, diagnostics=True)
+    assert len(seen) == 3 and set(result.diagnostics) == {"floor_fraction", "hardest_real", "synthetic_mean"}
+    for key, value in result.diagnostics.items():
+        assert value == pytest.approx(sum(s[key] for s in seen) / 3, rel=1e-6)
+    assert 0 <= result.diagnostics["floor_fraction"] <= 1
+    assert all(-1 - 1e-6 <= result.diagnostics[k] <= 1 + 1e-6 for k in ("hardest_real", "synthetic_mean"))  # cosines
+    plain = train_one_epoch(model, batches, loss_fn, build_optimizer(model, "sgd", lr=0.0), lr_schedule=lambda s: 0.0)
+    assert plain.diagnostics == {}

@@ -1,0 +1,103 @@
+"""What a run shows on the console: its own lines only, unless ``--verbose``.
+
+By default the console gets the resolved key settings, one line per quarter epoch and per epoch
+(loss, lr, img/s, kNN), the result and the commands to use it. Ray's INFO lines, Ray Data's
+progress bars, the workers' own output and library warnings go to log files: Ray's session logs
+(``/tmp/ray/session_latest/logs``) and the driver's ``log_file`` (``logs/``). ``--verbose`` shows all of it.
+
+The workers' progress lines reach the driver through a small actor (``ProgressLines``) that the
+driver polls, so they print without Ray's ``(RayTrainWorker pid=...)`` prefixes and also when the
+workers' output is not forwarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+verbose = False  # set once by ``setup`` (the ``--verbose`` flag)
+log_file: Path | None = None  # the driver's log file, once ``setup`` ran
+
+
+def setup(is_verbose: bool, path: Path) -> None:
+    """Library warnings (and, unless ``is_verbose``, MLflow's INFO lines) go to the file ``path``
+    only; ``--verbose`` also shows them. Call before importing Ray or MLflow."""
+    global verbose, log_file
+    verbose, log_file = is_verbose, path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)  # warnings become records of the "py.warnings" logger
+    warned = logging.getLogger("py.warnings")
+    warned.addHandler(to_file)
+    warned.propagate = is_verbose
+    if not is_verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported
+
+
+def ray_init_options() -> dict[str, Any]:
+    """``ray.init`` keywords: Ray's INFO/WARNING lines and the workers' output only with ``--verbose``
+    (they stay in Ray's session logs)."""
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+
+
+@contextlib.contextmanager
+def library_output() -> Iterator[None]:
+    """Inside, what libraries print (MLflow announces each registration) goes to the log file,
+    unless ``--verbose``."""
+    if verbose or log_file is None:
+        yield
+        return
+    with open(log_file, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+class ProgressLines:
+    """A Ray actor (``num_cpus=0``) holding the lines rank 0 posts, for the driver to print."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def post(self, line: str) -> None:
+        self.lines.append(line)
+
+    def since(self, start: int) -> list[str]:
+        return self.lines[start:]
+
+
+class Printer:
+    """While open, prints every line posted to a ``ProgressLines`` actor, polled every ``every_s``."""
+
+    def __init__(self, board: Any, show: Callable[[str], None] = print, every_s: float = 1.0) -> None:
+        self.board, self.show, self.every_s = board, show, every_s
+        self.printed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="sscl-progress")
+
+    def __enter__(self) -> "Printer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self._print_new()  # what was posted after the last poll
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._print_new()
+
+    def _print_new(self) -> None:
+        import ray
+
+        try:
+            lines = ray.get(self.board.since.remote(self.printed), timeout=10)
+        except Exception:  # noqa: BLE001 - the display must never stop a run
+            return
+        for line in lines:
+            self.show(line)
+        self.printed += len(lines)
