@@ -277,3 +277,66 @@ def test_digits_offline_split():
     images, labels = rows(test)
     assert images.shape[1:] == (32, 32, 3) and set(labels.tolist()) == set(range(10))
     assert build_dataset(cfg, "eval_train", max_images=300).num_images == 300
+
+
+# ---------------------------------------------------------------- without Ray
+
+
+def local_rows(cfg, split, *, max_images=0, seed=None):
+    from sscl.data.sources import local_split
+
+    local = local_split(cfg, split, max_images=max_images)
+    assert local.num_images == build_dataset(cfg, split, max_images=max_images).num_images
+    batches = list(local.batches(3, seed=seed))
+    assert all(len(b["label"]) == 3 for b in batches[:-1])
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    order = sorted(range(len(labels)), key=lambda i: images[i].tobytes())
+    return images[order], labels[order]
+
+
+def every_source(root: Path) -> dict[str, object]:
+    write_cifar10(root / "cifar")
+    (root / "stl").mkdir()
+    write_stl(root / "stl", "train", rng_images(3, 96, 1), [1, 10, 4])
+    write_stl(root / "stl", "unlabeled", rng_images(5, 96, 2), None)
+    write_stl(root / "stl", "test", rng_images(2, 96, 3), [2, 3])
+    write_folder(root / "folder", per_class=6)
+    (root / "folder" / "loose.png").write_bytes(png_bytes(rng_images(1, 40, seed=9)[0]))
+    (root / "parquet").mkdir()
+    imgs = rng_images(40, 32)
+    pq.write_table(pa.table({"image": [png_bytes(i) for i in imgs], "label": list(range(40))}),
+                   root / "parquet" / "part-0.parquet", row_group_size=16)
+    return {"cifar10": data_cfg(source="cifar10", root=str(root / "cifar")),
+            "stl10": data_cfg(source="stl10", root=str(root / "stl")),
+            "imagefolder": data_cfg(source="imagefolder", root=str(root / "folder"), test_fraction=0.5),
+            "parquet": data_cfg(source="parquet", root=str(root / "parquet"), test_fraction=0.25),
+            "digits": data_cfg(source="digits")}
+
+
+@pytest.mark.parametrize("split", ["pretrain", "eval_train", "eval_test"])
+def test_local_split_reads_exactly_what_the_ray_dataset_streams(tmp_path, split):
+    for name, cfg in every_source(tmp_path).items():
+        for bound in (0, 8):
+            ray_images, ray_labels = rows(build_dataset(cfg, split, max_images=bound))
+            images, labels = local_rows(cfg, split, max_images=bound, seed=3 if split == "pretrain" else None)
+            assert len(labels) == len(ray_labels) > 0, (name, bound)
+            np.testing.assert_array_equal(images, ray_images, err_msg=f"{name} {split} bound {bound}")
+            np.testing.assert_array_equal(labels, ray_labels)
+
+
+def test_local_split_shuffles_by_seed_in_worker_processes_and_name_bad_files(tmp_path):
+    from sscl.data.sources import local_split
+
+    cfg = every_source(tmp_path)["imagefolder"]
+
+    def order(seed, workers=0):
+        return [b["image"].tobytes() for b in local_split(cfg, "pretrain").batches(4, seed=seed, workers=workers)]
+
+    assert order(1) == order(1, workers=2) and order(1) != order(2)
+    (tmp_path / "folder" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(CorruptDataError, match=r"broken.png.*data.skip_corrupt"):
+        list(local_split(cfg, "pretrain").batches(4))
+    skipping = data_cfg(source="imagefolder", root=str(tmp_path / "folder"), skip_corrupt="true")
+    assert sum(len(b["label"]) for b in local_split(skipping, "pretrain").batches(4)) == 13
+    assert [len(b["label"]) for b in local_split(skipping, "pretrain").batches(4, drop_last=True)] == [4, 4, 4]

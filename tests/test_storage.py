@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 
@@ -58,3 +66,48 @@ def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes,
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     ran_on = {t.node_id for t in decoders if t.node_id}  # tasks cancelled before scheduling have none
     assert ran_on == nodes, [(t.name, t.node_id) for t in decoders][:20]
+
+
+def _can_mask_a_folder() -> bool:
+    """Whether this machine lets a process see a folder differently (a private mount namespace)."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("unshare") is None or not _can_mask_a_folder(),
+                    reason="needs mount namespaces (unshare) to give one node a different view of a folder")
+def test_storage_a_node_cannot_see_is_refused_naming_the_keys_and_the_fix(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines.ray_checks import check_storage
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # The second node is a real raylet on this machine whose processes see an empty tmpfs over
+    # ``storage``: what a node without the NFS mount sees.
+    ray_bin = Path(sys.executable).parent / "ray"
+    blind = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs tmpfs {storage} && exec {ray_bin} start --address={cluster.address} --num-cpus=1 --block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert blind.poll() is None and time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+        with pytest.raises(ValueError) as err:
+            check_storage(str(storage))
+        message = str(err.value)
+        assert f"train.storage_path={str(storage)!r} is local to this node" in message
+        assert "of this 2-node cluster cannot see it" in message and "s3://" in message
+        assert list(storage.iterdir()) == []  # the marker is gone
+    finally:
+        ray.shutdown()
+        os.killpg(blind.pid, signal.SIGTERM)
+        blind.wait(timeout=60)
+        cluster.shutdown()

@@ -3,6 +3,8 @@ ASHA, MLflow parent/child runs on sqlite, the best encoder registered; an interr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,38 +34,61 @@ def child_runs(client, parent_id: str):
     return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_sweep_stops_early_logs_parent_and_children_and_registers_the_best(tmp_path, ray_cluster, monkeypatch, capsys):
-    import mlflow
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory):
+    """A three-trial grid under ASHA, then the same command again."""
     from pipelines import tune
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
+    tmp = tmp_path_factory.mktemp("sweep")
     # One SGD learning rate that learns and two that barely move the encoder: in order, with one trial
     # at a time, ASHA (grace 1 epoch, keep the top half) stops the weak ones after their first epoch.
-    (tmp_path / "space.yaml").write_text("optim.lr: {grid: [0.3, 0.0001, 0.0001]}\nloss.name: sscl\n")
-    args = sweep_args(tmp_path, "lr", "tune.num_samples=1", "tune.reduction_factor=2", "optim.name=sgd")
+    (tmp / "space.yaml").write_text("optim.lr: {grid: [0.3, 0.0001, 0.0001]}\nloss.name: sscl\n")
+    args = sweep_args(tmp, "lr", "tune.num_samples=1", "tune.reduction_factor=2", "optim.name=sgd")
     cfg = load_config(QUICKSTART, args)
-    space = load_space(tmp_path / "space.yaml", cfg)
-    out = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
-    printed = capsys.readouterr().out
+    space = load_space(tmp / "space.yaml", cfg)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(tmp)
+        out = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
+        again = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
+    return SimpleNamespace(tmp=tmp, cfg=cfg, out=out, again=again, printed=printed.getvalue(),
+                           uri=f"sqlite:///{tmp}/mlflow.db")
 
-    rows = out["trials"]
+
+@pytest.fixture
+def client(sweep, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(sweep.tmp)
+    mlflow.set_tracking_uri(sweep.uri)
+    return mlflow.MlflowClient()
+
+
+def test_asha_stops_the_weak_trials_after_their_grace_epoch(sweep):
+    rows = sweep.out["trials"]
     assert len(rows) == 3 and {r["status"] for r in rows} <= {"finished", "stopped early"}
     assert sum(r["status"] == "stopped early" for r in rows) >= 1
     assert all(r["epochs"] == (2 if r["status"] == "finished" else 1) for r in rows)
-    best = out["best"]
+    best = sweep.out["best"]
     assert best["values"] == {"optim.lr": 0.3, "loss.name": "sscl"} and best["status"] == "finished"
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    client = MlflowClient()
-    parent = client.get_run(out["run_id"])
+
+def test_parent_run_holds_the_trial_table_plot_and_space(sweep, client):
+    import mlflow
+
+    parent = client.get_run(sweep.out["run_id"])
     assert parent.data.tags["sscl.sweep"] == "lr" and parent.info.status == "FINISHED"
-    assert {"trials.csv", "sweep.png", "search_space.yaml", "config.yaml"} <= {a.path for a in client.list_artifacts(out["run_id"])}
-    table = mlflow.artifacts.load_text(f"runs:/{out['run_id']}/trials.csv").splitlines()
+    artifacts = {a.path for a in client.list_artifacts(sweep.out["run_id"])}
+    assert {"trials.csv", "sweep.png", "search_space.yaml", "config.yaml"} <= artifacts
+    table = mlflow.artifacts.load_text(f"runs:/{sweep.out['run_id']}/trials.csv").splitlines()
     assert table[0].startswith("trial,status,epochs,optim.lr,loss.name,loss,knn_top1") and len(table) == 4
-    children = child_runs(client, out["run_id"])
+
+
+def test_each_trial_is_a_child_run_with_its_values_epochs_and_status(sweep, client):
+    rows = sweep.out["trials"]
+    children = child_runs(client, sweep.out["run_id"])
     assert len(children) == 3
     for child in children:
         row = next(r for r in rows if r["run_id"] == child.info.run_id)
@@ -71,34 +97,45 @@ def test_sweep_stops_early_logs_parent_and_children_and_registers_the_best(tmp_p
         assert steps == list(range(1, row["epochs"] + 1))  # every epoch it ran, once
         assert child.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
 
-    # The best trial's encoder: registered with its alias, params and the sweep's run id.
+
+def test_the_best_encoder_is_registered_with_its_alias_params_and_sweep(sweep, client, monkeypatch):
+    import mlflow
+
+    best = sweep.out["best"]
     version = client.get_model_version_by_alias("sweep-encoder", "best-lr")
     assert str(version.version) == str(best["version"])
-    assert version.tags["sweep_run_id"] == out["run_id"] and version.tags["param.optim.lr"] == "0.3"
+    assert version.tags["sweep_run_id"] == sweep.out["run_id"] and version.tags["param.optim.lr"] == "0.3"
     assert version.run_id == best["run_id"]
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     encoder = mlflow.pytorch.load_model("models:/sweep-encoder@best-lr")
     assert encoder(torch.randn(4, 3, 32, 32)).shape == (4, 64)
 
-    # The live table and the final one went to stdout; the printed command reproduces the best trial.
-    assert "Trial status:" in printed and "stopped early" in printed
-    assert out["command"] in printed
+
+def test_the_printed_command_reproduces_the_best_trial(sweep):
+    out, cfg = sweep.out, sweep.cfg
+    assert "Trial status:" in sweep.printed and "stopped early" in sweep.printed  # the live table, then the final one
+    assert out["command"] in sweep.printed
     words = shlex.split(out["command"])
     assert words[:5] == ["python", "-m", "pipelines.pretrain", "--config", str(QUICKSTART)]
     rebuilt = load_config(words[4], words[5:])
     assert rebuilt.optim.lr == 0.3 and rebuilt.train.run_name == "lr-best"
     trained = apply_overrides(rebuilt, {"train.run_name": cfg.train.run_name})
-    assert replace(trained, tune=cfg.tune) == apply_overrides(cfg, best["values"])  # the command has no tune.* keys
+    assert replace(trained, tune=cfg.tune) == apply_overrides(cfg, out["best"]["values"])  # no tune.* keys
 
-    # The same command again: the sweep is recognised as finished; nothing reruns or registers again.
-    again = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
-    assert again["run_id"] == out["run_id"] and str(again["best"]["version"]) == str(best["version"])
+
+def test_the_same_command_again_reruns_and_registers_nothing(sweep, client):
+    again, out = sweep.again, sweep.out
+    assert again["run_id"] == out["run_id"] and str(again["best"]["version"]) == str(out["best"]["version"])
     assert len(client.search_model_versions("name='sweep-encoder'")) == 1
     assert len(child_runs(client, out["run_id"])) == 3
-    # A different space under the same sweep name is refused.
-    (tmp_path / "other.yaml").write_text("optim.lr: {grid: [0.1]}\n")
+
+
+def test_a_different_space_under_the_same_sweep_name_is_refused(sweep, client):
+    from pipelines import tune
+
+    (sweep.tmp / "other.yaml").write_text("optim.lr: {grid: [0.1]}\n")
     with pytest.raises(ValueError, match="tune.name='lr' already names a sweep"):
-        tune.main(cfg, load_space(tmp_path / "other.yaml", cfg))
+        tune.main(sweep.cfg, load_space(sweep.tmp / "other.yaml", sweep.cfg))
 
 
 def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):

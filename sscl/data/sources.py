@@ -11,17 +11,19 @@ unlabelled). Splits:
   split (CIFAR, STL-10, digits), else a held-out fraction chosen by a hash of each file's path
   (image folders) or of each image's bytes (Parquet), so no listing pass has to be materialised.
 
-Ray is imported inside the functions: the rest of ``sscl`` runs without it.
+Ray is imported inside the functions: the rest of ``sscl`` runs without it, and
+``local_split`` reads the same splits in one process without Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from sscl.config import DataConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "BadImages", "Split", "build_dataset", "decode_image",
-           "folder_classes", "held_out", "read_cifar_file"]
+           "LocalSplit", "folder_classes", "held_out", "local_split",
+           "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
@@ -300,21 +303,31 @@ def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decode
         names = read.schema().names  # from one file's footer
     except (ValueError, OSError) as err:
         raise FileNotFoundError(f"parquet: cannot read {root}: {err}") from None
+    read = read.select_columns(_parquet_columns(names, root, cfg, selection))
+    rows = read.count()  # from the files' footers
+    decoded = read.map_batches(_decode_rows, batch_size=_DECODE_BATCH,
+                               fn_kwargs=_parquet_decoding(cfg, selection, decoder, rows))
+    return Split(decoded, rows)
+
+
+def _parquet_columns(names: list[str], root: str, cfg: DataConfig, selection: _Selection) -> list[str]:
+    """The image (and label) column to read, checked against the files' ``names``."""
     for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
         if column and column not in names:
             raise ValueError(f"{key}={column!r} is not a column of {root}; columns: {', '.join(names)}")
     if selection.labelled_only and not cfg.label_column:
         raise ValueError(f"data.label_column='': evaluation on {root} needs a label column, or set data.eval_root")
-    read = read.select_columns([cfg.image_column] + ([cfg.label_column] if cfg.label_column else []))
-    rows = read.count()  # from the files' footers
+    return [cfg.image_column] + ([cfg.label_column] if cfg.label_column else [])
+
+
+def _parquet_decoding(cfg: DataConfig, selection: _Selection, decoder: _Decoder, rows: int) -> dict[str, Any]:
+    """``_decode_rows`` keywords for a Parquet split of ``rows`` rows."""
     keep_fraction = 1.0
     if selection.max_images:
         expected = rows * (1 - selection.test_fraction if selection.test_fraction and not selection.held_out_side else 1)
         keep_fraction = min(1.0, selection.max_images / max(expected, 1))  # about max_images, by content hash
-    decoded = read.map_batches(_decode_rows, batch_size=_DECODE_BATCH, fn_kwargs={
-        "decoder": decoder, "image_column": cfg.image_column, "label_column": cfg.label_column,
-        "selection": selection, "keep_fraction": keep_fraction})
-    return Split(decoded, rows)
+    return {"decoder": decoder, "image_column": cfg.image_column, "label_column": cfg.label_column,
+            "selection": selection, "keep_fraction": keep_fraction}
 
 
 # ---------------------------------------------------------------------------- CIFAR
@@ -393,9 +406,9 @@ def _read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n
     return {"image": np.ascontiguousarray(np.concatenate(out_images)), "label": np.concatenate(out_labels)}
 
 
-def _stl10_split(cfg: DataConfig, split: str) -> Split:
-    import ray.data
-
+def _stl10_files(cfg: DataConfig, split: str) -> tuple[str, str, int]:
+    """The image file of an STL-10 split, its label file ("" for ``unlabeled``) and its image count,
+    checked from their sizes before anything is read."""
     folder = Path(cfg.root).expanduser().resolve() / "stl10_binary"
     x_path = folder / f"{split}_X.bin"
     if cfg.download and not x_path.is_file():
@@ -414,10 +427,17 @@ def _stl10_split(cfg: DataConfig, split: str) -> Split:
         if y.stat().st_size != n_images:
             raise CorruptDataError(f"stl10: {y} has {y.stat().st_size} labels for {n_images} images in {x_path}")
         y_path = str(y)
+    return str(x_path), y_path, n_images
+
+
+def _stl10_split(cfg: DataConfig, split: str) -> Split:
+    import ray.data
+
+    x_path, y_path, n_images = _stl10_files(cfg, split)
     n_chunks = -(-n_images // _STL_CHUNK)
     chunks = ray.data.range(n_chunks, override_num_blocks=n_chunks)  # one read task per chunk of the file
     return Split(chunks.map_batches(_read_stl_chunk, batch_size=1,
-                                    fn_kwargs={"x_path": str(x_path), "y_path": y_path, "n_images": n_images}), n_images)
+                                    fn_kwargs={"x_path": x_path, "y_path": y_path, "n_images": n_images}), n_images)
 
 
 # ---------------------------------------------------------------------------- digits
@@ -470,6 +490,25 @@ def _keep_by_hash(batch: dict[str, np.ndarray], *, fraction: float) -> dict[str,
     return {k: v[mask] for k, v in batch.items()}
 
 
+def _check_split(cfg: DataConfig, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if cfg.eval_root and cfg.source not in ("imagefolder", "parquet"):
+        raise ValueError(f"data.eval_root={cfg.eval_root!r}: for imagefolder and parquet sources; {cfg.source} has its "
+                         "own test split")
+    if cfg.source not in ("imagefolder", "parquet", "stl10", "digits", *_CIFAR):
+        raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+def _files_of(cfg: DataConfig, split: str, max_images: int) -> tuple[str, _Selection]:
+    """Image folders and Parquet: the root a split reads and which of its images it keeps."""
+    evaluation = split != "pretrain"
+    root = cfg.eval_root if split == "eval_test" and cfg.eval_root else cfg.root
+    held = cfg.test_fraction if evaluation and not cfg.eval_root else None
+    return root, _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
+                            max_images=max_images if evaluation else 0)
+
+
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
                   bad_images: Any = None) -> Split:
     """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64).
@@ -491,19 +530,12 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         ValueError: naming the config key of a missing column, or a split without labels.
         CorruptDataError: naming a file whose size is wrong (found before anything is read).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     evaluation = split != "pretrain"
     source = cfg.source
-    if cfg.eval_root and source not in ("imagefolder", "parquet"):
-        raise ValueError(f"data.eval_root={cfg.eval_root!r}: for imagefolder and parquet sources; {source} has its "
-                         "own test split")
+    _check_split(cfg, split)
     if source in ("imagefolder", "parquet"):
         decoder = _Decoder(cfg.image_size, cfg.skip_corrupt, bad_images)
-        root = cfg.eval_root if split == "eval_test" and cfg.eval_root else cfg.root
-        held = cfg.test_fraction if evaluation and not cfg.eval_root else None
-        selection = _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
-                               max_images=max_images if evaluation else 0)
+        root, selection = _files_of(cfg, split, max_images)
         seed = None if evaluation else seed
         if source == "imagefolder":
             return _image_folder(root, selection, decoder, seed)
@@ -521,3 +553,194 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
     else:
         raise ValueError(f"unknown data.source {source!r}")
     return _bounded(ds, max_images if evaluation else 0, total)
+
+
+# ---------------------------------------------------------------------------- without Ray
+
+_LOCAL_UNIT = 256  # images per read unit of an image folder or digits
+
+
+@dataclass(frozen=True)
+class LocalSplit:
+    """A split read in this process without Ray (``pipelines.train_local``): the same files, held-out
+    sides, bounds, decoding and errors as ``build_dataset``, read unit by unit (a CIFAR pickle, 1,024
+    STL-10 images, 256 files, a Parquet row group), never whole.
+
+    Attributes:
+        units: what one read covers; read: reads one unit into ``image``/``label`` arrays;
+        num_images: as ``Split.num_images``.
+    """
+
+    units: list[Any]
+    read: Callable[[Any], dict[str, np.ndarray]]
+    num_images: int
+
+    def batches(self, batch_size: int, *, seed: int | None = None, workers: int = 0,
+                drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """``{"image": uint8 (N, H, W, 3), "label": int64 (N,)}`` batches of ``batch_size`` rows.
+
+        Args:
+            seed: shuffles the units and, within a buffer of a few batches, the rows (pretraining);
+                None keeps the listing order.
+            workers: DataLoader processes reading and decoding units (0: this process).
+            drop_last: drop a last batch smaller than ``batch_size``.
+        """
+        import torch.utils.data
+
+        rng = np.random.default_rng(seed) if seed is not None else None
+        units = self.units if rng is None else [self.units[i] for i in rng.permutation(len(self.units))]
+        loader = torch.utils.data.DataLoader(_Units(units, self.read), batch_size=None, num_workers=workers,
+                                             collate_fn=lambda part: part)
+        pending, held = [], 0
+        for part in loader:
+            pending.append(part)
+            held += len(part["label"])
+            if held >= (4 if rng is not None else 1) * batch_size:
+                rows = _concat(pending, rng)
+                cut = len(rows["label"]) // batch_size * batch_size
+                yield from _chunks(rows, batch_size, stop=cut)
+                pending, held = [{k: v[cut:] for k, v in rows.items()}], len(rows["label"]) - cut
+        if held >= (batch_size if drop_last else 1):
+            yield from _chunks(_concat(pending, rng), batch_size)
+
+
+def local_split(cfg: DataConfig, split: str, *, max_images: int = 0) -> LocalSplit:
+    """One split for reading without Ray; only metadata is read here. Arguments and errors as
+    :func:`build_dataset`."""
+    _check_split(cfg, split)
+    return _local_units(cfg, split, max_images)
+
+
+class _Units:
+    """A map-style dataset of read units for ``torch.utils.data.DataLoader``."""
+
+    def __init__(self, units: list[Any], read: Callable[[Any], dict[str, np.ndarray]]) -> None:
+        self.units, self.read = units, read
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.read(self.units[i])
+
+
+def _concat(parts: list[dict[str, np.ndarray]], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
+    if rng is None:
+        return rows
+    order = rng.permutation(len(rows["label"]))
+    return {k: v[order] for k, v in rows.items()}
+
+
+def _chunks(rows: dict[str, np.ndarray], size: int, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    stop = len(rows["label"]) if stop is None else stop
+    for start in range(0, stop, size):
+        yield {k: v[start : min(start + size, stop)] for k, v in rows.items()}
+
+
+def _local_units(cfg: DataConfig, split: str, max_images: int) -> LocalSplit:
+    evaluation = split != "pretrain"
+    bound = max_images if evaluation else 0
+    if cfg.source in ("imagefolder", "parquet"):
+        root, selection = _files_of(cfg, split, bound)
+        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt)
+        if cfg.source == "imagefolder":
+            return _local_folder(root, selection, decoder)
+        return _local_parquet(root, cfg, selection, decoder)
+    if cfg.source in _CIFAR:
+        folder, train_files, test_files, label_key = _CIFAR[cfg.source]
+        base = Path(cfg.root).expanduser().resolve()
+        files = [base / folder / f for f in (test_files if split == "eval_test" else train_files)]
+        if cfg.download and not all(f.is_file() for f in files):
+            _download(cfg.source, base)
+        for path in files:
+            if not path.is_file():
+                raise _missing(str(path), cfg.source)
+        units = [str(f) for f in files]
+        read = functools.partial(_read_cifar_path, label_key=label_key)
+        total = sum(len(read(f)["label"]) for f in units)  # as Ray's count: each pickle read once
+    elif cfg.source == "stl10":
+        parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
+        units, total = [], 0
+        for part in parts:
+            x_path, y_path, n_images = _stl10_files(cfg, part)
+            units += [(chunk, x_path, y_path, n_images) for chunk in range(-(-n_images // _STL_CHUNK))]
+            total += n_images
+        read = _read_stl_unit
+    else:
+        from sscl.data.digits import DIGITS_COUNT, split_indices
+
+        train_idx, test_idx = split_indices(DIGITS_COUNT, test_fraction=cfg.test_fraction)
+        index = test_idx if split == "eval_test" else train_idx
+        units, total = [index[i : i + _LOCAL_UNIT] for i in range(0, len(index), _LOCAL_UNIT)], len(index)
+        read = functools.partial(_read_digits_unit, size=cfg.image_size)
+    if bound and total > bound:
+        return LocalSplit(units, functools.partial(_bounded_read, read=read, fraction=bound / total), bound)
+    return LocalSplit(units, read, total)
+
+
+def _read_cifar_path(path: str, *, label_key: bytes) -> dict[str, np.ndarray]:
+    return read_cifar_file(Path(path).read_bytes(), label_key=label_key, where=path)
+
+
+def _read_stl_unit(unit: tuple[int, str, str, int]) -> dict[str, np.ndarray]:
+    chunk, x_path, y_path, n_images = unit
+    return _read_stl_chunk({"id": np.array([chunk])}, x_path=x_path, y_path=y_path, n_images=n_images)
+
+
+def _read_digits_unit(index: np.ndarray, *, size: int) -> dict[str, np.ndarray]:
+    return _digits_rows({"index": index}, size=size)
+
+
+def _bounded_read(unit: Any, *, read: Callable[[Any], dict[str, np.ndarray]], fraction: float) -> dict[str, np.ndarray]:
+    return _keep_by_hash(read(unit), fraction=fraction)
+
+
+def _local_folder(root: str, selection: _Selection, decoder: _Decoder) -> LocalSplit:
+    import pyarrow.fs as pafs
+
+    fs, base = _filesystem(root)
+    classes = folder_classes(root)
+    if selection.labelled_only and not classes:
+        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
+                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
+    files = _FolderFiles(base, classes, selection)
+    listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    paths = files(sorted(e.path for e in listed if e.type == pafs.FileType.File
+                         and e.base_name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    units = [paths[i : i + _LOCAL_UNIT] for i in range(0, len(paths), _LOCAL_UNIT)]
+    return LocalSplit(units, functools.partial(_read_folder_unit, fs=fs, files=files, decoder=decoder), len(paths))
+
+
+def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder: _Decoder) -> dict[str, np.ndarray]:
+    data = []
+    for path in paths:
+        with fs.open_input_file(path) as fh:
+            data.append(fh.readall())
+    return decoder.decode(data, [files.label(p) for p in paths], paths)
+
+
+def _local_parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decoder) -> LocalSplit:
+    import pyarrow.dataset as pads
+
+    fs, base = _filesystem(root)
+    try:
+        dataset = pads.dataset(base, filesystem=fs, format="parquet")
+        fragments = [(f.path, group.id) for f in dataset.get_fragments() for group in f.row_groups]  # footers only
+    except (ValueError, OSError) as err:
+        raise FileNotFoundError(f"parquet: cannot read {root}: {err}") from None
+    columns = _parquet_columns(dataset.schema.names, root, cfg, selection)
+    rows = dataset.count_rows()  # from the files' footers
+    decoding = _parquet_decoding(cfg, selection, decoder, rows)
+    return LocalSplit(fragments, functools.partial(_read_row_group, fs=fs, columns=columns, decoding=decoding), rows)
+
+
+def _read_row_group(unit: tuple[str, int], *, fs: Any, columns: list[str], decoding: dict[str, Any]) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    path, group = unit
+    with fs.open_input_file(path) as fh:
+        table = pq.ParquetFile(fh).read_row_group(group, columns=columns)
+    return _decode_rows(table.to_pydict(), **decoding)
