@@ -4,7 +4,7 @@
     sscl tune --config pipelines/configs/quickstart.yaml --space tune_spaces/sscl_priors.yaml tune.name=priors
     sscl evaluate --model models:/sscl-digits@champion --config ...
     sscl registry list|show|promote|embed ...
-    sscl train-local --epochs 5          # == python -m pipelines.train_local (no Ray)
+    sscl train-local --config pipelines/configs/quickstart.yaml   # == python -m pipelines.train_local (no Ray)
     sscl benchmark loss                  # == python -m pipelines.benchmark
     sscl config --config pipelines/configs/quickstart.yaml loss.temperature=0.2
 """
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 def _train_local(argv: Sequence[str]) -> None:
     from pipelines import train_local
 
-    train_local.main(train_local.parse(argv))
+    train_local.cli(argv)
 
 
 def _benchmark(argv: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -18,12 +18,19 @@ LOG_DIR = Path("logs")  # the driver's log files: library output and warnings
 
 
 def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = "") -> Config:
-    """Parses ``--config``, ``--print-config`` and dotted overrides into a validated ``Config``.
+    """Parses ``--config``, ``--print-config``, ``--verbose`` and dotted overrides into a validated ``Config``.
 
     User errors (unknown keys, wrong types, out-of-range values, a missing preset) print every
     problem and exit with status 2, before any work starts. ``--print-config`` prints the resolved
     config and exits 0.
     """
+    return parse_config_and_flags(argv, prog=prog, description=description)[0]
+
+
+def parse_config_and_flags(argv: Sequence[str] | None, *, prog: str, description: str = "",
+                           add_flags: Callable[[argparse.ArgumentParser], None] | None = None
+                           ) -> tuple[Config, argparse.Namespace]:
+    """As :func:`parse_config`, with a command's own flags (added by ``add_flags``) returned too."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configuration keys (override with section.key=value):\n" + describe_keys(),
@@ -32,21 +39,20 @@ def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = ""
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's and the libraries' own output (default: only in the log file)")
+    if add_flags is not None:
+        add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except FileNotFoundError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(config_yaml(cfg), end="")
         raise SystemExit(0)
     console.setup(args.verbose, LOG_DIR / f"{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}.log")
-    return cfg
+    return cfg, args
 
 
 def config_yaml(cfg: Config) -> str:

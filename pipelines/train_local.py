@@ -1,137 +1,160 @@
-"""Pretraining in one plain process (CPU or one GPU), no Ray: the library's loop on the offline
-digits data. Useful for quick checks and for GPU machines without Ray.
+"""Pretraining in one plain process on one device, without Ray or MLflow: the same presets, keys and
+data sources as ``pipelines.pretrain``, read in this process (``sscl.data.sources.local_split``).
+Useful on a GPU box that has only PyTorch, and for quick checks.
 
-    python -m pipelines.train_local --epochs 10 --loss sscl
-    python -m pipelines.train_local --device cuda --width 1.0 --batch-size 256
+    python -m pipelines.train_local --config pipelines/configs/cifar10.yaml data.root=~/data --device cuda
+    python -m pipelines.train_local --config pipelines/configs/quickstart.yaml train.epochs=3
+
+Writes ``model.pt`` (the model's state dict) and ``result.json`` (config, per-epoch history, final
+metrics) to ``--out-dir`` (default ``outputs/local/<train.run_name>``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from sscl.data.augment import TwoViewAugment, normalize_images
-from sscl.data.digits import load_digits_images, split_indices
-from sscl.evaluate import knn_top1, linear_probe_top1
-from sscl.losses import LOSSES, get_loss
-from sscl.models import ENCODERS, build_model
-from sscl.train import OPTIMIZERS, build_optimizer, lr_at, train_one_epoch
+from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config
+from pipelines.console import epoch_line
+from sscl.config import Config, to_dict
+from sscl.data.augment import TwoViewAugment
+from sscl.data.sources import LocalSplit, local_split
+from sscl.evaluate import evaluate_encoder
+from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 
-@dataclass(frozen=True)
-class LocalConfig:
-    """Settings of a local run (names equal the keywords of the functions they feed)."""
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    loss: str = "sscl"
-    temperature: float = 0.5
-    beta: float = 1.0
-    tau_plus: float = 0.1
-    n_hard: int = 32
-    n_synthetic: int = 8
-    mode: str = "mix"
-    encoder: str = "resnet18"
-    width: float = 0.25
-    optimizer: str = "sgd"
-    lr: float = 0.3
-    weight_decay: float = 1e-4
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 128
-    device: str = "cpu"
-    amp: bool = False
-    seed: int = 0
-    out_dir: str = "outputs/local"
+    Raises:
+        ValueError: naming the device when it is not available here.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name!r}: no such GPU here ({torch.cuda.device_count()} visible); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
 
 
-def _batches(images: np.ndarray, batch_size: int, rng: np.random.Generator):
-    order = rng.permutation(len(images))
-    for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the last partial batch
-        yield {"image": torch.from_numpy(images[np.sort(order[start : start + batch_size])])}
+def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | None = None) -> dict[str, Any]:
+    """Pretrains on ``cfg.data`` on one device, evaluates with the pipeline's protocol (kNN and
+    linear probe on frozen features) before training and every ``train.knn_every`` epochs.
 
+    Returns:
+        The final metrics (``knn_top1``, ``linear_top1``), the untrained encoder's (``initial_*``),
+        epochs, seconds and the output folder.
 
-@torch.no_grad()
-def _features(model: torch.nn.Module, images: np.ndarray, device: str) -> torch.Tensor:
-    model.eval()
-    x = normalize_images(images)
-    out = torch.cat([model.encoder(x[i : i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
-    model.train()
-    return out
+    Raises:
+        ValueError, FileNotFoundError, ConnectionError: naming the key, path or device, before training.
+    """
+    started = time.perf_counter()
+    target = resolve_device(device)
+    data, train = cfg.data, cfg.train
+    pretrain = local_split(data, "pretrain")
+    bank = local_split(data, "eval_train", max_images=train.knn_max_images)
+    test = local_split(data, "eval_test")
+    if pretrain.num_images < data.batch_size:
+        raise ValueError(f"data.batch_size={data.batch_size}: larger than the {pretrain.num_images} pretraining images")
 
-
-def main(cfg: LocalConfig) -> dict[str, float]:
-    """Pretrains on digits, prints a line per epoch, returns final kNN and linear top-1."""
-    from tqdm import tqdm
-
-    torch.manual_seed(cfg.seed)
-    images, labels = load_digits_images()
-    train_idx, test_idx = split_indices(len(images), seed=cfg.seed)
-    train_x, test_x = images[train_idx], images[test_idx]
-    train_y, test_y = torch.from_numpy(labels[train_idx]), torch.from_numpy(labels[test_idx])
-    if cfg.batch_size > len(train_x):
-        raise ValueError(f"batch_size must be <= {len(train_x)} (the training split), got {cfg.batch_size}")
-
-    model = build_model(cfg.encoder, stem="cifar", width=cfg.width).to(cfg.device)
-    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = get_loss(cfg.loss, temperature=cfg.temperature, beta=cfg.beta, tau_plus=cfg.tau_plus,
-                       n_hard=cfg.n_hard, n_synthetic=cfg.n_synthetic, mode=cfg.mode)
-    augment = TwoViewAugment(seed=cfg.seed)
-    steps_per_epoch = len(train_x) // cfg.batch_size
-    total = cfg.epochs * steps_per_epoch
+    torch.manual_seed(train.seed)
+    model = model_from_config(cfg).to(target)
+    optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    loss_fn = loss_from_config(cfg)
+    augment = TwoViewAugment(**augment_kwargs(cfg), seed=train.seed).views  # on the training device
+    steps_per_epoch = pretrain.num_images // data.batch_size
 
     def schedule(step: int) -> float:
-        return lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_epochs * steps_per_epoch, total_steps=total)
+        return lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
+                     total_steps=steps_per_epoch * train.epochs, final_lr=cfg.optim.final_lr)
 
-    rng = np.random.default_rng(cfg.seed)
-    step, history, start = 0, [], time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None) as bar:
-            result = train_one_epoch(
-                model, _batches(train_x, cfg.batch_size, rng), loss_fn, optimizer, lr_schedule=schedule,
-                start_step=step, device=cfg.device, augment=augment.views, amp=cfg.amp,
-                on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{float(loss):.3f}")),
-            )
+    def evaluate() -> dict[str, float]:
+        return _evaluate(model, cfg, bank, test, target, workers)
+
+    print(f"{data.source} ({pretrain.num_images} images) on {target}, {cfg.model.encoder} x{cfg.model.width:g}, "
+          f"loss {cfg.loss.name}, batch {data.batch_size}, {train.epochs} epochs")
+    initial = evaluate()
+    print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in initial.items()))
+    history: list[dict[str, float]] = []
+    step = 0
+    for epoch in range(1, train.epochs + 1):
+        batches = pretrain.batches(data.batch_size, seed=train.seed + epoch, workers=workers, drop_last=True)
+        with _bar(epoch, train.epochs, steps_per_epoch) as bar:
+            result = train_one_epoch(model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step,
+                                     device=target, augment=augment, amp=train.amp and target.type == "cuda",
+                                     max_steps=steps_per_epoch, on_step=lambda i, loss: bar.update(1),
+                                     diagnostics=True)
         step = result.next_step
-        knn = knn_top1(_features(model, train_x, cfg.device), train_y, _features(model, test_x, cfg.device), test_y)
-        history.append(dict(epoch=epoch, loss=result.loss, lr=result.lr, images_per_second=result.images_per_second, knn_top1=knn))
-        print(f"epoch {epoch:3d}  loss {result.loss:.4f}  lr {result.lr:.4f}  "
-              f"img/s {result.images_per_second:7.1f}  knn_top1 {knn:.3f}", flush=True)
+        metrics = {"epoch": epoch, "loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second,
+                   **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}
+        if epoch % train.knn_every == 0 or epoch == train.epochs:
+            metrics |= evaluate()
+        history.append(metrics)
+        print(epoch_line(metrics, train.epochs), flush=True)
 
-    train_f, test_f = _features(model, train_x, cfg.device), _features(model, test_x, cfg.device)
-    final = dict(knn_top1=knn_top1(train_f, train_y, test_f, test_y),
-                 linear_top1=linear_probe_top1(train_f, train_y, test_f, test_y),
-                 seconds=time.perf_counter() - start)
-    out = Path(cfg.out_dir)
+    final = next(h for h in reversed(history) if "knn_top1" in h)
+    out = Path(out_dir or Path("outputs") / "local" / train.run_name)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")
-    (out / "result.json").write_text(json.dumps({"config": asdict(cfg), "history": history, "final": final}, indent=2))
-    print(f"final: knn_top1 {final['knn_top1']:.3f}  linear_top1 {final['linear_top1']:.3f}  "
-          f"({final['seconds']:.0f} s; frozen encoder, digits test split)  saved to {out}")
-    return final
+    summary = {"knn_top1": final["knn_top1"], "linear_top1": final["linear_top1"],
+               **{f"initial_{k}": v for k, v in initial.items()}, "epochs": train.epochs,
+               "seconds": time.perf_counter() - started, "out_dir": str(out)}
+    (out / "result.json").write_text(json.dumps({"config": to_dict(cfg), "history": history, "final": summary},
+                                                indent=2, default=str))
+    print(f"trained: kNN top-1 {summary['knn_top1']:.4f}, linear top-1 {summary['linear_top1']:.4f} (untrained: "
+          f"{initial['knn_top1']:.4f}, {initial['linear_top1']:.4f}) (frozen encoder, {data.source} evaluation set, "
+          f"{train.epochs} epochs, {summary['seconds']:.0f} s); saved to {out}")
+    return summary
 
 
-def parse(argv: Sequence[str] | None = None) -> LocalConfig:
-    """Command-line flags -> ``LocalConfig`` (one flag per field)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train_local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"loss": list(LOSSES), "encoder": list(ENCODERS), "optimizer": list(OPTIMIZERS), "mode": ["mix", "copy"]}
-    for name, default in asdict(LocalConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, choices=choices.get(name))
-    return LocalConfig(**vars(parser.parse_args(argv)))
+def _evaluate(model: torch.nn.Module, cfg: Config, bank: LocalSplit, test: LocalSplit, device: torch.device,
+              workers: int) -> dict[str, float]:
+    size = cfg.data.eval_batch_size
+    return evaluate_encoder(model.encoder, bank.batches(size, workers=workers), test.batches(size, workers=workers),
+                            device=device, k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
+                            linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
+
+
+def _bar(epoch: int, epochs: int, steps: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=None)
+
+
+def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from pipelines.config_cli import parse_config_and_flags
+
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+        parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
+                            help="processes reading and decoding the data (0: the training process)")
+        parser.add_argument("--out-dir", default=None, help="default: outputs/local/<train.run_name>")
+
+    cfg, args = parse_config_and_flags(argv, prog="python -m pipelines.train_local", description=__doc__,
+                                       add_flags=flags)
+    if args.workers < 0:
+        print(f"python -m pipelines.train_local: --workers must be >= 0, got {args.workers}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return main(cfg, device=args.device, workers=args.workers, out_dir=args.out_dir)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    try:
-        main(parse())
-    except ValueError as err:  # user errors: a message, not a traceback
-        raise SystemExit(f"error: {err}") from None
+    cli()

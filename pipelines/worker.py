@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipelines.console import epoch_line
 from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config
 from sscl.config import Config, from_dict
 from sscl.data.augment import TwoViewAugment
@@ -115,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["epoch"], state["step"] = epoch + 1, result.next_step
         if rank == 0:
             state["history"].append(dict(metrics))
-            say(_epoch_line(metrics, cfg.train.epochs))
+            say(epoch_line(metrics, cfg.train.epochs))
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             save(metrics)
         else:
@@ -173,15 +174,6 @@ def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, de
     real, synthetic = negative_similarities(z1, z2, n_hard=min(cfg.loss.n_hard, 2 * n * world - 2), n_synthetic=n_syn,
                                             mode=cfg.loss.mode)
     return {"real": real.cpu(), "synthetic": synthetic.cpu()}
-
-
-def _epoch_line(metrics: dict[str, float], epochs: int) -> str:
-    line = (f"epoch {int(metrics['epoch']):3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.4f}  "
-            f"img/s {metrics['images_per_second']:8.1f}")
-    for key in ("knn_top1", "linear_top1", "skipped_images"):
-        if key in metrics:
-            line += f"  {key} {metrics[key]:.4f}" if key != "skipped_images" else f"  skipped {int(metrics[key])}"
-    return line
 
 
 class _Progress:

@@ -4,7 +4,6 @@ ImageNet presets run on a tiny folder of their layout. Real local Ray, real file
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -13,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from pipelines.benchmark import write_jpeg_folder
 from sscl.config import load_config

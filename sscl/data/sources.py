@@ -159,8 +159,6 @@ class _Decoder:
     bad_images: Any = None
 
     def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
-        import ray
-
         images, kept = [], []
         for value, label, name in zip(values, labels, where):
             try:
@@ -170,15 +168,20 @@ class _Decoder:
                 # (which file stopped the run, how many were skipped this epoch) finds it recorded.
                 if not self.skip_corrupt:
                     message = f"{err} (set data.skip_corrupt=true to skip such images)"
-                    if self.bad_images is not None:
-                        ray.get(self.bad_images.fail.remote(message))
+                    self._tell("fail", message)
                     raise CorruptDataError(message) from None
-                if self.bad_images is not None:
-                    ray.get(self.bad_images.skip.remote(name))
+                self._tell("skip", name)
                 continue
             kept.append(label)
         empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
         return {"image": np.stack(images) if images else empty, "label": np.asarray(kept, dtype=np.int64)}
+
+    def _tell(self, what: str, text: str) -> None:
+        """Reports to the ``BadImages`` actor, if any, and waits for it."""
+        if self.bad_images is not None:
+            import ray
+
+            ray.get(getattr(self.bad_images, what).remote(text))
 
 
 # ---------------------------------------------------------------------------- image folders and Parquet
