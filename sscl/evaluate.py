@@ -75,12 +75,13 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def _sum_over_ranks(value: int, device: torch.device) -> int:
+def _over_ranks(value: int, device: torch.device, op: str = "SUM") -> int:
+    """``value`` reduced over the ranks with ``torch.distributed.ReduceOp.<op>`` (itself in one process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    total = torch.tensor([value], dtype=torch.long, device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
+    reduced = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(reduced, op=getattr(torch.distributed.ReduceOp, op))
+    return int(reduced.item())
 
 
 @torch.no_grad()
@@ -123,10 +124,10 @@ def evaluate_encoder(
     bank, bank_labels = gather_rows(bank), gather_rows(bank_labels)
     test, test_labels = _features_or_empty(encoder, test_batches, bank.shape[1], options)
     local_top = max(int(bank_labels.max()), int(test_labels.max()) if len(test_labels) else 0)
-    n_classes = _max_over_ranks(local_top + 1, device)
+    n_classes = _over_ranks(local_top + 1, device, "MAX")
     predicted = knn_predict(bank, bank_labels, test, k=k, temperature=temperature, n_classes=n_classes)
-    correct = _sum_over_ranks(int((predicted == test_labels).sum()), device)
-    total = _sum_over_ranks(len(test_labels), device)
+    correct = _over_ranks(int((predicted == test_labels).sum()), device)
+    total = _over_ranks(len(test_labels), device)
     if total == 0:
         raise ValueError("no evaluation images: the evaluation test set is empty")
     result = {"knn_top1": correct / total}
@@ -149,14 +150,6 @@ def _features_or_empty(encoder: nn.Module, batches: Iterable[Mapping[str, Any]],
     except ValueError:  # this rank's shard of a small test set is empty
         device = options["device"]
         return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-
-
-def _max_over_ranks(value: int, device: torch.device) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    top = torch.tensor([value], dtype=torch.long, device=device)
-    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-    return int(top.item())
 
 
 @torch.no_grad()

@@ -38,8 +38,8 @@ def test_missing_preset_and_unknown_command():
 
 
 def test_local_training_rejects_bad_batch_size_cleanly():
-    out = run("train-local", "--batch-size", "100000", "--epochs", "1")
-    assert out.returncode == 2 and "batch_size" in out.stderr and "Traceback" not in out.stderr
+    out = run("train-local", "--config", "pipelines/configs/quickstart.yaml", "data.batch_size=100000", "train.epochs=1")
+    assert out.returncode == 2 and "data.batch_size=100000" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_printed_config_never_shows_tracking_credentials():

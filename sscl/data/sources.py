@@ -237,6 +237,16 @@ class _FolderFiles:
         return kept
 
 
+def _folder_files(root: str, selection: _Selection) -> tuple[Any, str, _FolderFiles]:
+    """The filesystem, base path and file selection of an image tree (one listing of its classes)."""
+    fs, base = _filesystem(root)
+    classes = folder_classes(root)
+    if selection.labelled_only and not classes:
+        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
+                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
+    return fs, base, _FolderFiles(base, classes, selection)
+
+
 def _path_filter(files: _FolderFiles):
     """``files`` as Ray's partition filter, which sees every listed path before any is read."""
     from ray.data.datasource.partitioning import Partitioning, PathPartitionFilter, PathPartitionParser
@@ -271,12 +281,7 @@ def _shuffle(seed: int | None):
 def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
     import ray.data
 
-    fs, base = _filesystem(root)
-    classes = folder_classes(root)
-    if selection.labelled_only and not classes:
-        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
-                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
-    files = _FolderFiles(base, classes, selection)
+    fs, base, files = _folder_files(root, selection)
     try:
         read = ray.data.read_binary_files(base, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),
                                           partition_filter=_path_filter(files), shuffle=_shuffle(seed))
@@ -702,12 +707,7 @@ def _bounded_read(unit: Any, *, read: Callable[[Any], dict[str, np.ndarray]], fr
 def _local_folder(root: str, selection: _Selection, decoder: _Decoder) -> LocalSplit:
     import pyarrow.fs as pafs
 
-    fs, base = _filesystem(root)
-    classes = folder_classes(root)
-    if selection.labelled_only and not classes:
-        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
-                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
-    files = _FolderFiles(base, classes, selection)
+    fs, base, files = _folder_files(root, selection)
     listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     paths = files(sorted(e.path for e in listed if e.type == pafs.FileType.File
                          and e.base_name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
