@@ -51,3 +51,9 @@ def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: to
                for i in range(0, len(images), step))
     features, _ = extract_features(encoder, batches, device=device, **eval_transform(cfg))
     return features.cpu()
+
+
+def views_in_trainer(cfg: Config) -> bool:
+    """Whether the two views are made inside the training loop on the training device
+    (``augment.where``: trainer, or auto on GPUs) rather than in the Ray Data tasks that decode."""
+    return cfg.augment.where == "trainer" or (cfg.augment.where == "auto" and cfg.scaling.use_gpu)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.build import augment_kwargs
+from pipelines.build import augment_kwargs, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import TwoViewAugment
 from sscl.data.sources import BadImages, build_dataset
@@ -47,7 +47,7 @@ def train_stream(cfg: Config, pretrain):
     import ray.data
 
     pretrain = pretrain.select_columns(["image"])
-    if cfg.augment.device == "cpu":
+    if not views_in_trainer(cfg):
         # Plain tasks, fused with decoding, scale with the cluster's free CPUs; a fixed actor pool
         # caps decoding at its size (on 2 cores both give ~800 img/s: `benchmark ingest`).
         # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.

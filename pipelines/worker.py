@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from pipelines.console import epoch_line
-from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config
+from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config, views_in_trainer
 from sscl.config import Config, from_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
@@ -65,8 +65,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return lr_at(s, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
                      total_steps=total_steps, final_lr=cfg.optim.final_lr)
 
-    on_gpu = cfg.augment.device == "gpu"
-    augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if on_gpu else None
+    in_trainer = views_in_trainer(cfg)
+    augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if in_trainer else None
     loss_fn = loss_from_config(cfg)
     shard = ray.train.get_dataset_shard("train")
     tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"], log.warning) if rank == 0 else None

@@ -63,9 +63,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    device: str = _f("cpu", "where views are made: cpu (Ray Data tasks) | gpu (inside the training loop)",
-                     choices=("cpu", "gpu"))
-    max_tasks: int = _f(0, "augment.device=cpu: Ray Data tasks decoding and augmenting at once (0 = as many as "
+    where: str = _f("auto", "where the two views are made: ray_data (in the Ray Data tasks that decode, on CPUs) | "
+                    "trainer (inside the training loop, on the training device) | auto (trainer when scaling.use_gpu)",
+                    choices=("auto", "ray_data", "trainer"))
+    max_tasks: int = _f(0, "augment.where=ray_data: Ray Data tasks decoding and augmenting at once (0 = as many as "
                         "free CPUs allow)", ge=0)
     crop_size: int = _f(32, "output side of the random resized crop", ge=8)
     crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
@@ -256,6 +257,10 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], problems: list[s
             return
 
 
+# Keys that changed name: old key -> (new key, old value -> new value).
+RENAMED = {"augment.device": ("augment.where", {"cpu": "ray_data", "gpu": "trainer"})}
+
+
 def _unknown(kind: str, prefix: str, key: str, valid: Iterable[str]) -> str:
     """``loss.temprature: unknown key; did you mean loss.temperature?`` (or the valid names)."""
     valid = list(valid)
@@ -269,6 +274,12 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: li
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RENAMED:
+            new_key, values_map = RENAMED[f"{name}.{key}"]
+            mapped = values_map.get(str(value), "; ".join(f"{a} -> {b}" for a, b in values_map.items()))
+            problems.append(f"{name}.{key}={value!r}: renamed; use {new_key}={mapped}" if str(value) in values_map
+                            else f"{name}.{key}: renamed to {new_key} ({mapped})")
+            continue
         if key not in fields:
             problems.append(_unknown("key", f"{name}.", key, fields))
             continue

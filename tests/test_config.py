@@ -80,7 +80,9 @@ MALFORMED = [
     ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale", "min <= max"),
     ("augment.std=[0.2, 0.0, 0.2]", "augment.std", "> 0"),
     ("augment.mean=[0.5]", "augment.mean", "3 entries"),
-    ("augment.device=tpu", "augment.device", "cpu, gpu"),
+    ("augment.where=tpu", "augment.where", "auto, ray_data, trainer"),
+    ("augment.device=gpu", "augment.device='gpu': renamed; use augment.where=trainer", ""),
+    ("augment.device=cpu", "augment.device='cpu': renamed; use augment.where=ray_data", ""),
     ("lossy.temperature=1", "lossy", "did you mean loss"),
     ("temperature=1", "temperature", "section.key=value"),
     ("loss.temperature", "loss.temperature", "key=value"),
@@ -135,3 +137,13 @@ def test_config_error_survives_pickling_with_its_problems():
     err = ConfigError(["loss.n_hard=64: must be <= 2 * data.batch_size - 2 = 38"])
     again = pickle.loads(pickle.dumps(err))
     assert again.problems == err.problems and str(again) == str(err)
+
+
+def test_views_are_made_in_the_trainer_on_gpus_unless_told_otherwise():
+    from pipelines.build import views_in_trainer
+
+    def where(*overrides):
+        return views_in_trainer(load_config(None, list(overrides)))
+
+    assert not where() and where("scaling.use_gpu=true")  # auto
+    assert where("augment.where=trainer") and not where("augment.where=ray_data", "scaling.use_gpu=true")

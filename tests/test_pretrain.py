@@ -142,9 +142,9 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_ser
     from pipelines.pretrain import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    # Also covers augment.device=gpu: views made inside the training loop (here on the CPU device).
+    # Also covers augment.where=trainer: views made inside the training loop (here on the CPU device).
     result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model",
-                            "augment.device=gpu"))
+                            "augment.where=trainer"))
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result["run_id"])
     assert run.data.params["train.run_name"] == "server-run" and "final_knn_top1" in run.data.metrics
