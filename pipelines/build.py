@@ -57,3 +57,13 @@ def views_in_trainer(cfg: Config) -> bool:
     """Whether the two views are made inside the training loop on the training device
     (``augment.where``: trainer, or auto on GPUs) rather than in the Ray Data tasks that decode."""
     return cfg.augment.where == "trainer" or (cfg.augment.where == "auto" and cfg.scaling.use_gpu)
+
+
+def for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """The step options of ``train``: NHWC layout (``channels_last``); call before moving to the device."""
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+
+
+def compiled(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``train.compile``; call on the final (device, DDP) model."""
+    return torch.compile(model) if cfg.train.compile else model

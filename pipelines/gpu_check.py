@@ -576,7 +576,7 @@ def time_augmentation(device: torch.device, plan: Plan) -> list[Row]:
 
 def _timed_epoch(
     model: torch.nn.Module, runner: Callable[..., Any], batch: dict[str, torch.Tensor], loss_name: str,
-    device: torch.device, plan: Plan,
+    device: torch.device, plan: Plan, channels_last: bool,
 ) -> tuple[EpochResult, float]:
     """Warm-up steps, then ``plan.train_steps`` timed steps of ``train_one_epoch`` on one batch.
 
@@ -588,9 +588,9 @@ def _timed_epoch(
     """
     n_hard = min(HYPER["n_hard"], 2 * batch["view1"].shape[0] - 2)
     loss_fn = get_loss(loss_name, **(HYPER | dict(n_hard=n_hard)))
-    # SGD as built for training; on CUDA torch picks its multi-tensor (foreach) update by itself.
+    # SGD as built for training: fused kernels when the parameters are on a GPU.
     optimizer = build_optimizer(model, "sgd", lr=0.01)
-    kwargs = dict(lr_schedule=lambda step: 0.01, device=device, amp=True)
+    kwargs = dict(lr_schedule=lambda step: 0.01, device=device, amp=True, channels_last=channels_last)
     train_one_epoch(runner, [batch] * plan.train_warmup, loss_fn, optimizer, **kwargs)  # compiles, if compiled
     _sync(device)
     if device.type == "cuda":
@@ -611,9 +611,8 @@ def _train_one_option_set(
     g = torch.Generator().manual_seed(0)
     shape = (case.batch, 3, case.image_size, case.image_size)
     batch = {name: torch.randn(shape, generator=g).to(device) for name in ("view1", "view2")}
-    if options.channels_last:
+    if options.channels_last:  # as train.channels_last: the model here, the views inside train_one_epoch
         model = model.to(memory_format=torch.channels_last)
-        batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
     runner = torch.compile(model, backend=plan.compile_backend) if options.compile else model
     rows, seconds = [], {}
     compile_error = None
@@ -624,7 +623,7 @@ def _train_one_option_set(
             continue
         _log(f"training step: {case_name}", start)
         try:
-            result, ms = _timed_epoch(model, runner, batch, loss_name, device, plan)
+            result, ms = _timed_epoch(model, runner, batch, loss_name, device, plan, options.channels_last)
             seconds[loss_name] = ms / 1e3
             extra = dict(ms_per_step=ms / plan.train_steps, loss=result.loss, steps=plan.train_steps,
                          train_one_epoch_images_per_second=result.images_per_second)

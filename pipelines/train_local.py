@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config
+from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config,
+                             model_from_config)
 from pipelines.console import epoch_line
 from sscl.config import Config, to_dict
 from sscl.data.augment import TwoViewAugment
@@ -71,9 +72,10 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
         raise ValueError(f"data.batch_size={data.batch_size}: larger than the {pretrain.num_images} pretraining images")
 
     torch.manual_seed(train.seed)
-    model = model_from_config(cfg).to(target)
+    model = for_training(model_from_config(cfg), cfg).to(target)
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
+    step_model = compiled(model, cfg)  # what trains; evaluation and the saved state use ``model``
     loss_fn = loss_from_config(cfg)
     augment = TwoViewAugment(**augment_kwargs(cfg), seed=train.seed).views  # on the training device
     steps_per_epoch = pretrain.num_images // data.batch_size
@@ -94,10 +96,10 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
     for epoch in range(1, train.epochs + 1):
         batches = pretrain.batches(data.batch_size, seed=train.seed + epoch, workers=workers, drop_last=True)
         with _bar(epoch, train.epochs, steps_per_epoch) as bar:
-            result = train_one_epoch(model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step,
+            result = train_one_epoch(step_model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step,
                                      device=target, augment=augment, amp=train.amp and target.type == "cuda",
                                      max_steps=steps_per_epoch, on_step=lambda i, loss: bar.update(1),
-                                     diagnostics=True)
+                                     diagnostics=True, channels_last=train.channels_last)
         step = result.next_step
         metrics = {"epoch": epoch, "loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second,
                    **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 from pipelines.console import epoch_line
-from pipelines.build import augment_kwargs, eval_transform, loss_from_config, model_from_config, views_in_trainer
+from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config, model_from_config,
+                             views_in_trainer)
 from sscl.config import Config, from_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
@@ -44,7 +45,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = model_from_config(cfg)
     if cfg.scaling.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(for_training(model, cfg))
     module = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
@@ -57,6 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
+    step_model = compiled(model, cfg)  # what trains; evaluation and checkpoints use ``module``
     per_worker = cfg.data.batch_size // world
     steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -96,12 +98,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             say("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
     for epoch in range(state["epoch"], cfg.train.epochs):
-        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker)
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+                                           prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
         bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch, say) if rank == 0 else None
         result = train_one_epoch(
-            model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
+            step_model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
             augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
-            on_step=bar.update if bar else None, diagnostics=True,
+            on_step=bar.update if bar else None, diagnostics=True, channels_last=cfg.train.channels_last,
         )
         last = epoch + 1 == cfg.train.epochs
         metrics: dict[str, float] = {"epoch": epoch + 1, "loss": result.loss, "lr": result.lr,

