@@ -27,6 +27,7 @@ def setup(is_verbose: bool, path: Path) -> None:
     """Library warnings (and, unless ``is_verbose``, MLflow's INFO lines) go to the file ``path``
     only; ``--verbose`` also shows them. Call before importing Ray or MLflow."""
     global verbose, log_file
+    path = path.resolve()  # the process may change directory later
     verbose, log_file = is_verbose, path
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path)
@@ -52,6 +53,7 @@ def library_output() -> Iterator[None]:
     if verbose or log_file is None:
         yield
         return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
 

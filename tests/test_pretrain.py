@@ -49,6 +49,7 @@ def trained(ray_cluster, tmp_path_factory):
 def client(trained, monkeypatch):
     import mlflow
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it, in earlier tests too
     monkeypatch.chdir(trained.tmp)
     mlflow.set_tracking_uri(trained.uri)
     return mlflow.MlflowClient()
