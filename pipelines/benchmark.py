@@ -394,6 +394,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    problems = [m for ok, m in [
+        (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+        (args.batch_size is None or args.batch_size >= 2, f"--batch-size must be >= 2, got {args.batch_size}"),
+        (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+        (args.width is None or 0 < args.width <= 8, f"--width must be in (0, 8], got {args.width}"),
+        (args.images >= 1, f"--images must be >= 1, got {args.images}"),
+    ] if not ok]
+    try:
+        from pipelines.train_local import resolve_device
+
+        resolve_device(args.device)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        parser.error("; ".join(problems))
     torch.set_num_threads(args.threads)
     if args.what == "ingest":
         bench_ingest(args.images, [int(s) for s in args.memory_sizes.split(",")], args.workdir)

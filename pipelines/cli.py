@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from typing import Callable, Sequence
 
@@ -71,10 +72,16 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Dispatches ``sscl <command> ...``; user errors exit with status 2 and a message."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+        raise SystemExit(0)
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"sscl: unknown command {argv[0]!r}; {hint}commands: {', '.join(COMMANDS)} (sscl --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
     try:
         COMMANDS[argv[0]](argv[1:])
     except ValueError as err:

@@ -14,6 +14,16 @@ from pipelines import console
 from sscl.config import Config, ConfigError, describe_keys, load_config, to_dict
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second value is an error, not a silent override."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); give one "
+                         "preset and override keys with section.key=value")
+        setattr(namespace, self.dest, values)
+
+
 LOG_DIR = Path("logs")  # the driver's log files: library output and warnings
 
 
@@ -35,7 +45,7 @@ def parse_config_and_flags(argv: Sequence[str] | None, *, prog: str, description
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configuration keys (override with section.key=value):\n" + describe_keys(),
     )
-    parser.add_argument("--config", help="YAML preset, e.g. pipelines/configs/quickstart.yaml")
+    parser.add_argument("--config", action=_Once, help="YAML preset, e.g. pipelines/configs/quickstart.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's and the libraries' own output (default: only in the log file)")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any, Sequence
 
 import torch
 
-from sscl.config import Config, ConfigError, load_config, to_dict
-from sscl.data.sources import build_dataset
+from sscl.config import Config, ConfigError, to_dict
+from sscl.data.sources import build_dataset, check_roots
 from sscl.evaluate import evaluate_encoder
 
 
@@ -60,6 +61,8 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     from sscl import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_store_exists(uri)  # read-only: never create a store
+    check_roots(cfg.data)
     load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
     init_ray()
     train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
@@ -73,14 +76,18 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
-    parser.add_argument("--config", help="preset naming the dataset and evaluation settings")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    from pipelines.config_cli import parse_config_and_flags
+
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
+
+    cfg, args = parse_config_and_flags(argv, prog="python -m pipelines.evaluate", description=__doc__, add_flags=flags)
+    if not re.fullmatch(r"models:/[^/@]+(@[^/@]+|/\d+)", args.model):
+        print(f"python -m pipelines.evaluate: --model must look like models:/<name>@<alias> or models:/<name>/<version>, "
+              f"got {args.model!r}", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        return main(load_config(args.config, args.overrides), args.model)
+        return main(cfg, args.model)
     except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -26,7 +26,7 @@ from pipelines.ray_checks import check_resources, check_storage, init_ray, stora
 from pipelines.worker import STATE_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import Config, flatten, to_dict
-from sscl.data.sources import CorruptDataError
+from sscl.data.sources import CorruptDataError, check_roots
 
 
 def prepare(cfg: Config) -> str:
@@ -122,6 +122,7 @@ def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, An
 def main(cfg: Config) -> dict[str, Any]:
     """Pretrains, evaluates on the workers and registers; returns final metrics and the registered version."""
     started = time.perf_counter()
+    check_roots(cfg.data)  # a mistyped path fails here, before Ray or MLflow start
     uri = prepare(cfg)
     init_ray()
     bad_images = bad_images_actor()

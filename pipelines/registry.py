@@ -26,9 +26,12 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 
 
 def _uri(tracking_uri: str) -> str:
+    """The tracking URI of a read-only command: a sqlite store must exist (never created here)."""
     from sscl import tracking
 
-    return tracking.resolve_tracking_uri(tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_store_exists(uri)
+    return uri
 
 
 def list_versions(name: str | None = None, tracking_uri: str = "") -> list[dict[str, Any]]:
@@ -64,12 +67,30 @@ def embed(model_uri: str, images_path: str, out_path: str, config: str | None = 
     path = Path(images_path)
     if not path.is_file():
         raise FileNotFoundError(f"--images: file not found: {path}")
-    images = np.load(path, allow_pickle=False)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"--images must hold uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    images = _load_images(path)
     features = encode(load_encoder(model_uri, tracking_uri or cfg.tracking.uri), images, cfg).numpy()
     np.save(out_path, features)
     return features.shape
+
+
+def _load_images(path: Path) -> np.ndarray:
+    """A ``.npy`` file holding one uint8 (N, H, W, 3) array.
+
+    Raises:
+        ValueError: naming the file and what it holds instead.
+    """
+    try:
+        images = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's "allow_pickle=False" refusal: the file is not a plain .npy array
+        raise ValueError(f"--images {path}: not a .npy array file (numpy.save of a uint8 (N, H, W, 3) array)") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"--images {path}: cannot be read as .npy ({err})") from None
+    if not isinstance(images, np.ndarray):
+        images.close()
+        raise ValueError(f"--images {path}: a .npz archive; give a .npy file with one uint8 (N, H, W, 3) array")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"--images {path} must hold uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    return images
 
 
 def cli(argv: Sequence[str] | None = None) -> Any:

@@ -33,7 +33,8 @@ from pipelines import pretrain
 from pipelines.datasets import build_datasets
 from pipelines.ray_checks import init_ray, storage_path
 from sscl import tracking
-from sscl.config import Config, ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from sscl.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
+from sscl.data.sources import check_roots
 from sscl.search_space import SearchSpace, load_space, trial_values
 
 log = logging.getLogger("sscl.tune")
@@ -183,6 +184,7 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     # A trial ASHA stops is blocked inside its TorchTrainer.fit(), so Tune's graceful stop cannot end
     # it; by default Tune waits 600 s before killing it, and its Train run keeps training meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
+    check_roots(cfg.data)  # a mistyped path fails here, before Ray or MLflow start
     uri = pretrain.prepare(cfg)
     init_ray()
     build_datasets(cfg)  # bad paths fail here, once, before any trial starts
@@ -361,14 +363,13 @@ def _format_value(value: Any) -> str:
 
 
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML preset the sweep starts from")
-    parser.add_argument("--space", required=True, help="YAML search space, e.g. tune_spaces/sscl_priors.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    from pipelines.config_cli import parse_config_and_flags
+
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--space", required=True, help="YAML search space, e.g. tune_spaces/sscl_priors.yaml")
+
+    cfg, args = parse_config_and_flags(argv, prog="python -m pipelines.tune", description=__doc__, add_flags=flags)
     try:
-        cfg = load_config(args.config, args.overrides)
         space = load_space(args.space, cfg)
     except (ConfigError, FileNotFoundError) as err:
         print(f"python -m pipelines.tune: {err}", file=sys.stderr)

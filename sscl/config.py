@@ -53,12 +53,13 @@ class DataConfig:
     download: bool = _f(False, "download cifar10/cifar100/stl10 with torchvision when missing (needs internet)")
     image_column: str = _f("image", "parquet: column of encoded image bytes or arrays")
     label_column: str = _f("label", "parquet: label column ('' for none)")
-    image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8)
+    image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8,
+                        le=8192)
     test_fraction: float = _f(0.2, "held-out fraction when the source has no test split and no data.eval_root",
                               gt=0, lt=1)
     skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
-    batch_size: int = _f(256, "global training batch (split over workers)", ge=2)
-    eval_batch_size: int = _f(512, "batch for feature extraction", ge=1)
+    batch_size: int = _f(256, "global training batch (split over workers)", ge=2, le=2**20)
+    eval_batch_size: int = _f(512, "batch for feature extraction", ge=1, le=2**20)
     prefetch_batches: int = _f(2, "batches each training worker's stream prepares ahead (into pinned memory on GPUs)",
                                ge=0)
 
@@ -70,7 +71,7 @@ class AugmentConfig:
                     choices=("auto", "ray_data", "trainer"))
     max_tasks: int = _f(0, "augment.where=ray_data: Ray Data tasks decoding and augmenting at once (0 = as many as "
                         "free CPUs allow)", ge=0)
-    crop_size: int = _f(32, "output side of the random resized crop", ge=8)
+    crop_size: int = _f(32, "output side of the random resized crop", ge=8, le=8192)
     crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
     flip_p: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
     jitter_p: float = _f(0.8, "colour jitter probability", ge=0, le=1)
@@ -90,8 +91,8 @@ class ModelConfig:
     encoder: str = _f("resnet18", "backbone: resnet18 | resnet34 | resnet50", choices=("resnet18", "resnet34", "resnet50"))
     stem: str = _f("cifar", "cifar (3x3 stride 1, no max-pool) | imagenet", choices=("cifar", "imagenet"))
     width: float = _f(1.0, "channel width multiplier (0.25 for quick CPU runs)", gt=0, le=4)
-    hidden_dim: int = _f(512, "projection head hidden size", ge=1)
-    out_dim: int = _f(128, "projection size", ge=1)
+    hidden_dim: int = _f(512, "projection head hidden size", ge=1, le=65536)
+    out_dim: int = _f(128, "projection size", ge=1, le=65536)
     head_batchnorm: bool = _f(False, "BatchNorm in the projection head")
 
 
@@ -118,7 +119,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _f(200, "training epochs", ge=1)
+    epochs: int = _f(200, "training epochs", ge=1, le=100_000)
     checkpoint_every: int = _f(1, "report a checkpoint every N epochs (and always at the end)", ge=1)
     run_name: str = _f("sscl", "Ray Train run name: rerunning with the same name resumes")
     storage_path: str = _f("", "checkpoint storage (shared on multi-node: NFS, s3://); '' = ~/ray_results")
@@ -132,14 +133,15 @@ class TrainConfig:
     knn_every: int = _f(1, "run the kNN monitor every N epochs (and always after the last)", ge=1)
     knn_max_images: int = _f(0, "kNN bank and linear-probe training set: at most this many labelled images (0 = all)",
                              ge=0)
-    knn_k: int = _f(200, "kNN neighbours", ge=1)
+    knn_k: int = _f(200, "kNN neighbours", ge=1, le=100_000)
     knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0)
-    linear_epochs: int = _f(100, "linear probe: L-BFGS iterations (full-batch passes) at each evaluation", ge=1)
+    linear_epochs: int = _f(100, "linear probe: L-BFGS iterations (full-batch passes) at each evaluation", ge=1,
+                            le=100_000)
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = _f(1, "Ray Train workers", ge=1)
+    num_workers: int = _f(1, "Ray Train workers", ge=1, le=100_000)
     use_gpu: bool = _f(False, "one GPU per worker, NCCL")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractions allowed)", gt=0)
     sync_batchnorm: bool = _f(False, "convert BatchNorm to SyncBatchNorm across workers")
@@ -156,7 +158,8 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     name: str = _f("sweep", "sweep name: rerunning with the same name continues that sweep")
-    num_samples: int = _f(4, "trials drawn from the space (grid spaces: repeats of the whole grid)", ge=1)
+    num_samples: int = _f(4, "trials drawn from the space (grid spaces: repeats of the whole grid)", ge=1,
+                         le=100_000)
     max_concurrent_trials: int = _f(0, "trials at once; 0 = as many as the cluster's CPUs/GPUs hold", ge=0)
     search: str = _f("auto", "random (random + grid) | optuna (needs the optuna extra) | auto (optuna if "
                      "installed and the space has no grid, else random)", choices=("auto", "random", "optuna"))
@@ -280,6 +283,9 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: li
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            problems.append(f"{name}.{key!r}: keys must be names (e.g. {name}.{next(iter(fields))}), got {key!r}")
+            continue
         if f"{name}.{key}" in RENAMED:
             new_key, values_map = RENAMED[f"{name}.{key}"]
             mapped = values_map.get(str(value), "; ".join(f"{a} -> {b}" for a, b in values_map.items()))
@@ -318,6 +324,14 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
         problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
+    name = cfg.train.run_name
+    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or len(name) > 200 or \
+            any(ord(c) < 32 for c in name):
+        problems.append(f"train.run_name={name!r}: it names the checkpoint folder: give 1-200 characters without "
+                        "'/', '\\' or control characters")
+    for key, value in (("train.run_name", name), ("tracking.model_name", cfg.tracking.model_name)):
+        if "'" in value and '"' in value:
+            problems.append(f"{key}={value!r}: may hold ' or \" but not both (MLflow's search syntax cannot quote it)")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", cfg.tune.name):
         problems.append(f"tune.name={cfg.tune.name!r}: use letters, digits, '-' and '_' (it names folders and a "
                         "registry alias)")
@@ -328,6 +342,38 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                         f"({cfg.data.source} has its own test split)")
     if cfg.data.source in ("imagefolder", "parquet") and not cfg.data.root:
         problems.append(f"data.root='': the {cfg.data.source} source needs a path")
+
+
+def read_yaml_file(path: Path, what: str, hint: str = "") -> Any:
+    """The YAML content of ``path``.
+
+    Raises:
+        FileNotFoundError: naming the missing file (and ``hint``).
+        ConfigError: when ``path`` is a folder, not text, or not YAML.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+    if not path.is_file():
+        raise ConfigError([f"{what} {path} is a {'folder' if path.is_dir() else 'special file'}; give a YAML file{hint}"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{what} {path} is not a text file (not UTF-8); give a YAML file"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+
+
+def _presets_hint(path: Path) -> str:
+    """`` (presets in ...: ...)``, with a close match first, for a config path that is not a file."""
+    shipped = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+    folder = path.parent if path.parent.is_dir() and any(path.parent.glob("*.yaml")) else shipped
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    if not names:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return (f"; did you mean {folder / close[0]}?" if close else "") + f" (presets in {folder}: {', '.join(names)})"
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -348,12 +394,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+        loaded = read_yaml_file(path, "config file", hint=_presets_hint(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
         tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
@@ -369,7 +410,9 @@ def _from_tree(tree: Mapping[str, Any], problems: list[str]) -> Config:
     sections = _sections()
     built = {}
     for name, values in tree.items():
-        if name not in sections:
+        if not isinstance(name, str):
+            problems.append(f"{name!r}: section names must be names, one of {', '.join(sections)}")
+        elif name not in sections:
             problems.append(_unknown("section", "", name, sections))
         elif not isinstance(values, dict):
             problems.append(f"{name}: must be a mapping of keys, got {values!r}")

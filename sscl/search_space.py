@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import yaml
 
-from sscl.config import Config, ConfigError, apply_overrides, field_info
+from sscl.config import Config, ConfigError, apply_overrides, field_info, read_yaml_file
 
 __all__ = ["DISTRIBUTIONS", "Param", "SearchSpace", "load_space", "parse_space", "trial_values"]
 
@@ -101,12 +100,8 @@ def load_space(path: str | Path, base: Config) -> SearchSpace:
         ConfigError: every problem, each naming the space key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search space not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
+    shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
+    tree = read_yaml_file(path, "search space", hint=f" (shipped spaces in tune_spaces/: {', '.join(shipped)})")
     return parse_space(tree, base, source=str(path))
 
 

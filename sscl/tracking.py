@@ -41,6 +41,19 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
 
 
+def check_store_exists(uri: str) -> None:
+    """For read-only commands: a ``sqlite:///`` store must already exist (MLflow would create an empty one).
+
+    Raises:
+        FileNotFoundError: naming the database file.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow store at {uri}: {path} does not exist (check tracking.uri / "
+                                    "--tracking-uri / MLFLOW_TRACKING_URI)")
+
+
 def check_tracking_server(uri: str, *, timeout_s: float = 10.0) -> None:
     """Fails fast when an HTTP tracking server does not answer its ``/health`` endpoint.
 
@@ -253,15 +266,25 @@ def open_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, A
 
 
 def find_runs(client: Any, experiment_ids: Sequence[str], tags: Mapping[str, str], max_results: int = 1000) -> list:
-    """Runs carrying every tag of ``tags``, newest first; values are quoted for MLflow's filter syntax."""
-    clauses = [f"tags.`{key}` = '{quote_filter_value(value)}'" for key, value in tags.items()]
+    """Runs carrying every tag of ``tags``, newest first (values quoted for MLflow's filter syntax)."""
+    clauses = [f"tags.`{key}` = {filter_literal(value)}" for key, value in tags.items()]
     return client.search_runs(list(experiment_ids), filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=max_results)
 
 
-def quote_filter_value(value: str) -> str:
-    """``value`` for a single-quoted string in an MLflow filter: backslashes and quotes escaped."""
-    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of MLflow's filter syntax, which has no escapes: backslashes are
+    plain characters, and the value goes in the quotes it does not contain.
+
+    Raises:
+        ValueError: for a value holding both ``'`` and ``"`` (no literal can express it).
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: a name may hold ' or \" but not both (MLflow's search syntax cannot quote it)")
 
 
 def run_record(uri: str, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -411,7 +434,7 @@ def list_versions(uri: str, name: str | None = None) -> list[dict[str, Any]]:
     names = [name] if name else [m.name for m in client.search_registered_models()]
     rows = []
     for model in names:
-        rows += [_version_row(v) for v in client.search_model_versions(f"name = '{quote_filter_value(model)}'")]
+        rows += [_version_row(v) for v in client.search_model_versions(f"name = {filter_literal(model)}")]
     return sorted(rows, key=lambda r: (r["name"], -int(r["version"])))
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sscl.config import DataConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "BadImages", "Split", "build_dataset", "decode_image",
-           "LocalSplit", "folder_classes", "held_out", "local_split",
+           "LocalSplit", "check_roots", "folder_classes", "held_out", "local_split",
            "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
@@ -103,9 +103,12 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
             with Image.open(io.BytesIO(bytes(data))) as img:
-                img = img.convert("RGB")
+                img = _eight_bit(img).convert("RGB")  # greyscale, palette, CMYK, alpha -> RGB
         else:
-            arr = np.asarray(data, dtype=np.uint8)
+            arr = np.asarray(data)
+            if arr.dtype == np.uint16:  # 16-bit pixels: scaled, not wrapped around
+                arr = np.round(arr * (255 / 65535))
+            arr = arr.astype(np.uint8)
             if arr.ndim == 3 and arr.shape[2] == 1:
                 arr = arr[..., 0]
             if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
@@ -116,6 +119,16 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         raise CorruptDataError(f"cannot decode image {where}: {err}") from None
+
+
+def _eight_bit(img: Any) -> Any:
+    """16-bit (and 32-bit integer) greyscale scaled to 8 bits: PIL's RGB conversion would clip it."""
+    if not img.mode.startswith("I"):
+        return img
+    from PIL import Image
+
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.round(wide * (255 / 65535)).clip(0, 255).astype(np.uint8))
 
 
 class BadImages:
@@ -515,6 +528,34 @@ def _files_of(cfg: DataConfig, split: str, max_images: int) -> tuple[str, _Selec
     held = cfg.test_fraction if evaluation and not cfg.eval_root else None
     return root, _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
                             max_images=max_images if evaluation else 0)
+
+
+def check_roots(cfg: DataConfig) -> None:
+    """The data's roots and files exist (or will be downloaded), checked without Ray and without
+    reading any image: called before a pipeline starts Ray or touches MLflow.
+
+    Raises:
+        FileNotFoundError, ConnectionError: naming the missing path or the unreachable bucket.
+    """
+    if cfg.source in ("imagefolder", "parquet"):
+        for key, root in (("data.root", cfg.root), ("data.eval_root", cfg.eval_root)):
+            if root:
+                try:
+                    _filesystem(root)
+                except FileNotFoundError as err:
+                    where = "" if "://" in root else f" ({Path(root).expanduser().resolve()})"
+                    raise FileNotFoundError(f"{key}={root!r}{where}: {err}") from None
+    elif cfg.source in _CIFAR and not cfg.download:
+        folder, train_files, test_files, _ = _CIFAR[cfg.source]
+        for name in (*train_files, *test_files):
+            path = Path(cfg.root).expanduser().resolve() / folder / name
+            if not path.is_file():
+                raise _missing(str(path), cfg.source)
+    elif cfg.source == "stl10" and not cfg.download:
+        for split in ("train", "test"):  # unlabeled: checked when a pretraining split is built
+            path = Path(cfg.root).expanduser().resolve() / "stl10_binary" / f"{split}_X.bin"
+            if not path.is_file():
+                raise _missing(str(path), "stl10")
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,

@@ -1,0 +1,185 @@
+"""What a confused user types, entry point by entry point: each mistake ends with exit status 2, no
+traceback, and a message naming the key, file or flag (and what would be valid).
+
+Every case runs the real command in a fresh process, from a folder holding the files it needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[1]
+QUICK = str(ROOT / "pipelines" / "configs" / "quickstart.yaml")
+SPACE = str(ROOT / "tune_spaces" / "sscl_priors.yaml")
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Files a user might point a command at by mistake."""
+    here = tmp_path_factory.mktemp("inputs")
+    (here / "a_folder").mkdir()
+    (here / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (here / "list.yaml").write_text("- loss\n- train\n")
+    (here / "number_key.yaml").write_text("loss:\n  0.5: beta\n")
+    (here / "broken.yaml").write_text("loss: {temperature: [0.5\n")
+    (here / "unknown_space.yaml").write_text("loss.temprature: {grid: [0.1, 0.2]}\n")
+    (here / "notes.txt").write_text("these are not images\n")
+    np.savez(here / "images.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    np.save(here / "gray.npy", np.zeros((2, 8, 8), dtype=np.uint8))
+    (here / "empty_cifar").mkdir()
+    return here
+
+
+P, T, E, R, L, B, S = ("pipelines.pretrain", "pipelines.tune", "pipelines.evaluate", "pipelines.registry",
+                       "pipelines.train_local", "pipelines.benchmark", "pipelines.cli")
+CASES = [
+    # (module, arguments ({f} = the fixture folder), what the message must name)
+    (P, "--config nope.yaml", "config file not found: nope.yaml"),
+    (P, f"--config {ROOT}/pipelines/configs/quikstart.yaml", "did you mean"),
+    (P, f"--config {ROOT}/pipelines/configs/quikstart.yaml", "quickstart.yaml"),
+    (P, "--config {f}/a_folder", "is a folder"),
+    (P, "--config {f}/binary.yaml", "not a text file"),
+    (P, "--config {f}/list.yaml", "must be a mapping of sections"),
+    (P, "--config {f}/number_key.yaml", "loss.0.5: keys must be names"),
+    (P, "--config {f}/broken.yaml", "not valid YAML"),
+    (P, f"--config {QUICK} --config {QUICK}", "--config given twice"),
+    (P, f"--config {QUICK} loss.temperature=-1", "loss.temperature=-1"),
+    (P, f"--config {QUICK} loss.temprature=0.5", "did you mean loss.temperature"),
+    (P, f"--config {QUICK} lossy.temperature=1", "did you mean loss"),
+    (P, f"--config {QUICK} train.epochs=1000000000000", "train.epochs=1000000000000: must be <= 100000"),
+    (P, f"--config {QUICK} data.batch_size=0", "data.batch_size=0"),
+    (P, f"--config {QUICK} data.batch_size=3000000", "data.batch_size=3000000: must be <= 1048576"),
+    (P, f"--config {QUICK} scaling.num_workers=0", "scaling.num_workers=0"),
+    (P, f"--config {QUICK} augment.device=gpu", "renamed; use augment.where=trainer"),
+    (P, f"--config {QUICK} augment.where=gpu", "augment.where='gpu'"),
+    (P, f"--config {QUICK} model.encoder=vit", "model.encoder='vit'"),
+    (P, f"--config {QUICK} loss.name=infonce", "loss.name='infonce'"),
+    (P, f"--config {QUICK} optim.name=rmsprop", "optim.name='rmsprop'"),
+    (P, f"--config {QUICK} train.amp=maybe", "train.amp"),
+    (P, f"--config {QUICK} augment.crop_scale=[0.9,0.1]", "augment.crop_scale"),
+    (P, f"--config {QUICK} loss.n_hard=1000", "loss.n_hard=1000"),
+    (P, f"--config {QUICK} temperature=1", "temperature"),
+    (P, f"--config {QUICK} loss.temperature", "key=value"),
+    (P, f"--config {QUICK} data.source=imagefolder", "data.root='data'"),
+    (P, f"--config {QUICK} data.source=imagefolder data.root=/nonexistent/images", "data.root='/nonexistent/images'"),
+    (P, f"--config {QUICK} data.source=cifar10 data.root={{f}}/empty_cifar", "missing file"),
+    (P, f"--config {QUICK} data.source=webdataset", "data.source='webdataset'"),
+    (P, f"--config {QUICK} train.run_name=a/b", "train.run_name='a/b'"),
+    (P, f"--config {QUICK} tracking.model_name=it's\"q", "may hold ' or \" but not both"),
+    (P, f"--config {QUICK} tracking.uri=http://127.0.0.1:9", "unreachable"),
+    (T, f"--config {QUICK} --space nope.yaml", "search space not found: nope.yaml"),
+    (T, f"--config {QUICK} --space nope.yaml", "sscl_priors.yaml"),
+    (T, f"--config {QUICK} --space {{f}}/a_folder", "is a folder"),
+    (T, f"--config {QUICK} --space {{f}}/binary.yaml", "not a text file"),
+    (T, f"--config {QUICK}", "--space"),
+    (T, f"--config {QUICK} --space {{f}}/unknown_space.yaml", "loss.temprature"),
+    (T, f"--config {QUICK} --config {QUICK} --space {SPACE}", "--config given twice"),
+    (T, f"--config {QUICK} --space {SPACE} tune.name=a/b", "tune.name='a/b'"),
+    (T, f"--config {QUICK} --space {SPACE} tune.metric=accuracy", "tune.metric='accuracy'"),
+    (T, f"--config {QUICK} --space {SPACE} tune.num_samples=0", "tune.num_samples=0"),
+    (E, f"--config {QUICK} --model champion", "--model must look like models:/<name>@<alias>"),
+    (E, f"--config {QUICK} --model models:/x@champion tracking.uri=sqlite:///{{f}}/typo.db", "typo.db does not exist"),
+    (E, f"--config {QUICK}", "--model"),
+    (E, "--config nope.yaml --model models:/x@champion", "config file not found: nope.yaml"),
+    (E, f"--config {QUICK} --model models:/x/1 train.knn_k=0", "train.knn_k=0"),
+    (R, "--tracking-uri sqlite:///{f}/typo.db list", "typo.db does not exist"),
+    (R, "--tracking-uri sqlite:///{f}/typo.db show models:/x@champion", "typo.db does not exist"),
+    (R, "show champion", "model must look like models:/<name>@<alias>"),
+    (R, "embed models:/x@champion --images {f}/missing.npy --out {f}/o.npy", "--images: file not found"),
+    (R, "embed models:/x@champion --images {f}/images.npz --out {f}/o.npy", ".npz archive"),
+    (R, "embed models:/x@champion --images {f}/notes.txt --out {f}/o.npy", "not a .npy array file"),
+    (R, "embed models:/x@champion --images {f}/gray.npy --out {f}/o.npy", "must hold uint8 (N, H, W, 3)"),
+    (R, "promote sscl-digits", "version"),
+    (R, "frobnicate", "invalid choice"),
+    (L, f"--config {QUICK} --device tpu", "--device 'tpu'"),
+    (L, f"--config {QUICK} --workers -1", "--workers must be >= 0"),
+    (L, f"--config {QUICK} data.batch_size=0", "data.batch_size=0"),
+    (L, "--config nope.yaml", "config file not found: nope.yaml"),
+    (L, f"--config {QUICK} data.source=imagefolder data.root=/nonexistent/images", "/nonexistent/images"),
+    (L, f"--config {QUICK} data.batch_size=100000", "data.batch_size=100000: larger than the 1438 pretraining"),
+    (L, f"--config {QUICK} --batch-size 0", "unrecognized arguments: --batch-size"),
+    (B, "train --batch-size 0", "--batch-size must be >= 2"),
+    (B, "loss --threads 0", "--threads must be >= 1"),
+    (B, "loss --device tpu", "--device 'tpu'"),
+    (B, "nonsense", "invalid choice: 'nonsense'"),
+    (S, "pretrian", "unknown command 'pretrian'; did you mean pretrain?"),
+    (S, "frobnicate", "unknown command 'frobnicate'"),
+    (S, "config --config nope.yaml", "config file not found: nope.yaml"),
+    (S, f"train-local --config {QUICK} --device tpu", "--device 'tpu'"),
+]
+if NO_GPU:
+    CASES += [(L, f"--config {QUICK} --device cuda", "--device 'cuda': no such GPU here"),
+              (B, "loss --device cuda", "--device 'cuda': no such GPU here")]
+
+
+@pytest.mark.parametrize("module,arguments,named", CASES, ids=[f"{m.split('.')[-1]} {a}"[:90] for m, a, _ in CASES])
+def test_a_mistake_exits_2_naming_what_is_wrong(folder, module, arguments, named):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [a.replace("{f}", str(folder)) for a in arguments.split()]
+    out = subprocess.run([sys.executable, "-m", module, *argv], cwd=folder, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert named.replace("{f}", str(folder)) in out.stderr, out.stderr[-2000:]
+    assert not (folder / "typo.db").exists()  # a read-only command never creates a store
+
+
+def test_there_are_at_least_sixty_cases():
+    assert len(CASES) >= 60
+
+
+def test_names_with_quotes_backslashes_and_unicode_reach_mlflow_queries_intact(tmp_path):
+    from sscl import tracking
+
+    uri = f"sqlite:///{tmp_path}/names.db"
+    names = ["it's", 'say "hi"', "back\\slash", "naïve-日本", "a'b\\'c", "trailing\\", "\\'"]
+    ids = {name: tracking.open_run(uri, "names", run_name=name, params={"x": 1}, config_text="x: 1\n") for name in names}
+    assert len(set(ids.values())) == len(names)  # each its own run
+    for name, run_id in ids.items():
+        assert tracking.open_run(uri, "names", run_name=name, params={}, config_text="") == run_id  # found again
+        assert tracking.named_run(uri, "names", name)[0] == run_id
+    assert tracking.list_versions(uri, "o'brien \\ 日本") == []  # a model name with quotes is a query value, not syntax
+    with pytest.raises(ValueError, match="not both"):
+        tracking.filter_literal("it's \"quoted\"")
+
+
+def test_sigterm_to_a_local_run_leaves_no_ray_process_behind(tmp_path):
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="sscl-", dir="/tmp"))  # short: Ray's socket paths must fit
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env |= {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
+    overrides = [f"train.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "train.epochs=5",
+                 "model.width=0.125", "data.batch_size=64", "train.linear_epochs=5", "train.knn_k=20"]
+    log = tmp_path / "driver.log"
+    try:
+        with open(log, "w") as out:
+            driver = subprocess.Popen([sys.executable, "-m", "pipelines.pretrain", "--config", QUICK, *overrides],
+                                      cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while "epoch   1/5 [" not in log.read_text():  # training is under way
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout  # its cluster runs
+        driver.send_signal(signal.SIGTERM)  # Ray's own handler in the driver exits through its shutdown
+        assert driver.wait(timeout=120) not in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout:
+            assert time.monotonic() < deadline, subprocess.run(["pgrep", "-af", str(ray_tmp)], capture_output=True,
+                                                               text=True).stdout
+            time.sleep(1)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
