@@ -4,6 +4,7 @@ a real ``mlflow server`` on 127.0.0.1, and the tiny quickstart settings the pipe
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +78,12 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a loaded machine: the server's workers were slow to exit
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
 
 
 @pytest.fixture
