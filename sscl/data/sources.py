@@ -376,9 +376,12 @@ def _unpickle_cifar(batch: dict[str, Any], *, label_key: bytes) -> dict[str, np.
     return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
 
 
-def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
-    import ray.data
+def _cifar_files(cfg: DataConfig, train: bool) -> tuple[list[Path], bytes]:
+    """The pickles of a CIFAR split (fetched first with ``data.download``) and its label key.
 
+    Raises:
+        FileNotFoundError: naming a missing pickle.
+    """
     folder, train_files, test_files, label_key = _CIFAR[cfg.source]
     root = Path(cfg.root).expanduser().resolve()
     files = [root / folder / f for f in (train_files if train else test_files)]
@@ -387,6 +390,13 @@ def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
     for path in files:
         if not path.is_file():
             raise _missing(str(path), cfg.source)
+    return files, label_key
+
+
+def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
+    import ray.data
+
+    files, label_key = _cifar_files(cfg, train)
     # One task per pickle (10,000 images each): the files are read and unpickled on the cluster.
     ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files))
     return ds.map_batches(_unpickle_cifar, fn_kwargs={"label_key": label_key}, batch_size=1)
@@ -546,16 +556,11 @@ def check_roots(cfg: DataConfig) -> None:
                     where = "" if "://" in root else f" ({Path(root).expanduser().resolve()})"
                     raise FileNotFoundError(f"{key}={root!r}{where}: {err}") from None
     elif cfg.source in _CIFAR and not cfg.download:
-        folder, train_files, test_files, _ = _CIFAR[cfg.source]
-        for name in (*train_files, *test_files):
-            path = Path(cfg.root).expanduser().resolve() / folder / name
-            if not path.is_file():
-                raise _missing(str(path), cfg.source)
+        for train in (True, False):
+            _cifar_files(cfg, train)
     elif cfg.source == "stl10" and not cfg.download:
         for split in ("train", "test"):  # unlabeled: checked when a pretraining split is built
-            path = Path(cfg.root).expanduser().resolve() / "stl10_binary" / f"{split}_X.bin"
-            if not path.is_file():
-                raise _missing(str(path), "stl10")
+            _stl10_files(cfg, split)
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
@@ -697,14 +702,7 @@ def _local_units(cfg: DataConfig, split: str, max_images: int) -> LocalSplit:
             return _local_folder(root, selection, decoder)
         return _local_parquet(root, cfg, selection, decoder)
     if cfg.source in _CIFAR:
-        folder, train_files, test_files, label_key = _CIFAR[cfg.source]
-        base = Path(cfg.root).expanduser().resolve()
-        files = [base / folder / f for f in (test_files if split == "eval_test" else train_files)]
-        if cfg.download and not all(f.is_file() for f in files):
-            _download(cfg.source, base)
-        for path in files:
-            if not path.is_file():
-                raise _missing(str(path), cfg.source)
+        files, label_key = _cifar_files(cfg, train=split != "eval_test")
         units = [str(f) for f in files]
         read = functools.partial(_read_cifar_path, label_key=label_key)
         total = sum(len(read(f)["label"]) for f in units)  # as Ray's count: each pickle read once
