@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 verbose = False  # set once by ``setup`` (the ``--verbose`` flag)
 log_file: Path | None = None  # the driver's log file, once ``setup`` ran
@@ -47,15 +48,18 @@ def ray_init_options() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def library_output() -> Iterator[None]:
-    """Inside, what libraries print (MLflow announces each registration) goes to the log file,
-    unless ``--verbose``."""
+def library_output() -> Iterator[TextIO]:
+    """Inside, what libraries print goes to the log file, unless ``--verbose``: MLflow announces each
+    registration, and Ray's driver prints the raylet's notices (e.g. "N PYTHON worker processes have
+    been started") from a thread, which ``log_to_driver=False`` does not cover. Yields the console,
+    for the run's own lines."""
+    console = sys.stdout
     if verbose or log_file is None:
-        yield
+        yield console
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
+        yield console
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:

@@ -101,8 +101,9 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         dataset_config=data_config(),
     )
     try:
-        with console.Printer(progress):
-            return trainer.fit()
+        with console.library_output() as shown:  # the run's own lines go to the console
+            with console.Printer(progress, show=lambda line: print(line, file=shown, flush=True)):
+                return trainer.fit()
     except Exception:  # re-raised unchanged unless a decoding task said it met an undecodable image
         message = ray.get(bad_images.first_error.remote(), timeout=30)
         if message:
