@@ -75,3 +75,35 @@ def reference_pool(z1: torch.Tensor, z2: torch.Tensor, n_hard: int) -> list[set[
         ranked = sorted((v for v in range(two_b) if v not in (a, p)), key=lambda v: -float(torch.dot(z[a], z[v])))
         pools.append(set(ranked[:n_hard]))
     return pools
+
+
+def reference_moco(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    *,
+    temperature: float,
+    beta: float = 0.0,
+    tau_plus: float = 0.0,
+    mixing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    mode: str = "mix",
+) -> torch.Tensor:
+    """Mean over queries of the SSCL loss on a queue, by the formulas: positive ``k_a`` (detached), real
+    negatives every queue row (detached), synthetic ones mixed from the queue rows in ``mixing``."""
+    t = temperature
+    losses = []
+    for a in range(q.shape[0]):
+        pos = torch.exp(torch.dot(q[a], k[a].detach()) / t)
+        negatives = [queue[v].detach() for v in range(queue.shape[0])]
+        if mixing is not None:
+            j1, j2, alpha = mixing
+            for c in range(j1.shape[1]):
+                x, y, al = queue[int(j1[a, c])].detach(), queue[int(j2[a, c])].detach(), float(alpha[a, c])
+                negatives.append(x if mode == "copy" else _unit(al * x + (1 - al) * y))
+        sims = [torch.dot(q[a], h) for h in negatives]
+        n = len(sims)
+        weighted = sum(torch.exp(beta * s / t) * torch.exp(s / t) for s in sims)
+        weights = sum(torch.exp(beta * s / t) for s in sims)
+        ng = torch.clamp((n * weighted / weights - tau_plus * n * pos) / (1 - tau_plus), min=n * math.exp(-1 / t))
+        losses.append(-torch.log(pos / (pos + ng)))
+    return torch.stack(losses).mean()
