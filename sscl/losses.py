@@ -104,7 +104,8 @@ def _masks(local_b: int, world: int, rank: int, device: torch.device, dtype: tor
     return rows, pos, zero.masked_fill(is_self, -math.inf), zero.masked_fill(is_self | is_pos, -math.inf)
 
 
-def _world() -> tuple[int, int]:
+def world_and_rank() -> tuple[int, int]:
+    """``(world size, rank)`` of the ``torch.distributed`` group, ``(1, 0)`` outside one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
@@ -112,7 +113,7 @@ def _world() -> tuple[int, int]:
 
 def _batch(z1: torch.Tensor, z2: torch.Tensor) -> _Batch:
     """Stacks the views, gathered from every rank with gradient to the local part."""
-    world, rank = _world()
+    world, rank = world_and_rank()
     dtype = torch.promote_types(z1.dtype, torch.float32)
     positive = (z1.to(dtype) * z2.to(dtype)).sum(dim=1).repeat(2)  # (A,): both rows of a pair are local
     rows, pos, self_mask, negative_mask = _masks(z1.shape[0], world, rank, z1.device, dtype)
@@ -262,7 +263,7 @@ def _check(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 1.0, beta
            ) -> None:
     if z1.ndim != 2:
         raise ValueError(f"z1 must have shape (B, D), got {tuple(z1.shape)}")
-    b = z1.shape[0] * _world()[0]  # global
+    b = z1.shape[0] * world_and_rank()[0]  # global
     problems = [message for ok, message in [
         (z1.shape == z2.shape, f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"),
         (z1.is_floating_point() and z2.is_floating_point(), f"z1 and z2 must be floating, got {z1.dtype}, {z2.dtype}"),

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sscl.moco import MomentumQueue
+
 __all__ = ["LARS", "OPTIMIZERS", "EpochResult", "build_optimizer", "lr_at", "train_one_epoch"]
 
 
@@ -146,7 +148,7 @@ def _to_tensor(value: Any, device: torch.device) -> torch.Tensor:
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     optimizer: torch.optim.Optimizer,
     *,
     lr_schedule: Callable[[int], float],
@@ -158,6 +160,7 @@ def train_one_epoch(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     diagnostics: bool = False,
     channels_last: bool = False,
+    moco: MomentumQueue | None = None,
 ) -> EpochResult:
     """Runs one pass of contrastive training.
 
@@ -165,7 +168,7 @@ def train_one_epoch(
         model: maps (N, 3, H, W) to ``(features, z)`` with z L2-normalised (``ContrastiveModel``).
         batches: dicts with ``view1``/``view2`` float (N, 3, H, W), or ``image`` uint8 (N, H, W, C)
             when ``augment`` is given.
-        loss_fn: ``(z1, z2) -> scalar``, e.g. ``sscl.losses.get_loss(...)``.
+        loss_fn: ``(z1, z2) -> scalar``, e.g. ``sscl.losses.get_loss(...)`` (with ``moco``: see there).
         optimizer: its learning rate is set from ``lr_schedule`` before every step.
         lr_schedule: global step -> learning rate.
         start_step: global step of the first batch (for the schedule after a resume).
@@ -179,6 +182,9 @@ def train_one_epoch(
         diagnostics: call ``loss_fn(z1, z2, return_diagnostics=True)`` and average its diagnostics.
         channels_last: feed the views in NHWC layout (for a model converted with
             ``model.to(memory_format=torch.channels_last)``).
+        moco: train MoCo-style: each view's queries against the other view's keys from this momentum
+            encoder and its queue; ``loss_fn`` is then ``(q, k, queue) -> scalar`` (``get_loss(name,
+            "moco", ...)``). After each optimiser step the momentum model follows and the keys are enqueued.
 
     Returns:
         ``EpochResult``; loss is the mean over steps.
@@ -211,16 +217,23 @@ def train_one_epoch(
             views = views.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             _, z = model(views)
-        z1, z2 = z.float().chunk(2)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # the loss in float32 also under bf16 autocast
+        if moco is None:
+            pair = z.chunk(2)  # (z1, z2)
+        else:  # queries of both views, each with the other view's key: (q1; q2), (k2; k1), the queue
+            keys = moco.keys(views, amp)
+            pair = (z, keys.roll(view1.shape[0], dims=0), moco.queue)
         if diagnostics:
-            loss, found = loss_fn(z1, z2, return_diagnostics=True)
+            loss, found = loss_fn(*pair, return_diagnostics=True)
             for name, value in asdict(found).items():
                 totals[name] = totals.get(name, 0) + value
         else:
-            loss = loss_fn(z1, z2)
+            loss = loss_fn(*pair)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if moco is not None:
+            moco.update(keys, start_step + steps)
         total_loss += loss.detach()
         steps += 1
         images += view1.shape[0]
