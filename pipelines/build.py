@@ -15,6 +15,7 @@ from sscl.config import Config
 from sscl.evaluate import extract_features
 from sscl.losses import get_loss
 from sscl.models import build_model
+from sscl.moco import MomentumQueue
 
 
 def augment_kwargs(cfg: Config) -> dict[str, Any]:
@@ -32,10 +33,22 @@ def model_from_config(cfg: Config) -> torch.nn.Module:
                        head_batchnorm=m.head_batchnorm)
 
 
-def loss_from_config(cfg: Config):
+def loss_from_config(cfg: Config, epoch: int = 0):
+    """The loss of ``epoch`` (0-based): moco trains its first ``model.queue_warmup_epochs`` without synthetic
+    negatives, while the queue fills with keys of the trained model."""
     loss = cfg.loss
-    return get_loss(loss.name, temperature=loss.temperature, beta=loss.beta, tau_plus=loss.tau_plus,
-                    n_hard=loss.n_hard, n_synthetic=loss.n_synthetic, mode=loss.mode)
+    warming_up = cfg.model.method == "moco" and epoch < cfg.model.queue_warmup_epochs
+    return get_loss(loss.name, cfg.model.method, temperature=loss.temperature, beta=loss.beta, tau_plus=loss.tau_plus,
+                    n_hard=loss.n_hard, n_synthetic=0 if warming_up else loss.n_synthetic, mode=loss.mode)
+
+
+def momentum_queue(cfg: Config, model: torch.nn.Module, total_steps: int) -> MomentumQueue | None:
+    """moco's momentum encoder and queue for ``model`` (the unwrapped module on its device); None for simclr."""
+    m = cfg.model
+    if m.method != "moco":
+        return None
+    return MomentumQueue(model, queue_size=m.queue_size, momentum=m.momentum, total_steps=total_steps, dim=m.out_dim,
+                         seed=cfg.train.seed)
 
 
 def eval_transform(cfg: Config) -> dict[str, Any]:

@@ -146,9 +146,10 @@ def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
              "sscl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g} n_hard {loss.n_hard} K {loss.n_synthetic} "
                      f"({loss.mode})"}[loss.name]
     device = "GPU" if scaling.use_gpu else "CPU"
+    moco = f"moco (queue {model.queue_size}, momentum {model.momentum:g}), " if model.method == "moco" else ""
     logs = f"; logs: {os.path.relpath(console.log_file)}" if console.log_file else ""
     return (f"run {cfg.train.run_name!r}: {cfg.data.source} ({n_pretrain} images), {model.encoder} x{model.width:g}, "
-            f"loss {loss.name} t {loss.temperature:g}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
+            f"{moco}loss {loss.name} t {loss.temperature:g}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
             f"{scaling.num_workers} {device} worker(s); MLflow {tracking.redact_uri(uri)}{logs}")
 
 

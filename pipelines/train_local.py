@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config,
-                             model_from_config)
+                             model_from_config, momentum_queue)
 from pipelines.console import epoch_line
 from sscl.config import Config, to_dict
 from sscl.data.augment import TwoViewAugment
@@ -76,9 +76,9 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     step_model = compiled(model, cfg)  # what trains; evaluation and the saved state use ``model``
-    loss_fn = loss_from_config(cfg)
     augment = TwoViewAugment(**augment_kwargs(cfg), seed=train.seed).views  # on the training device
     steps_per_epoch = pretrain.num_images // data.batch_size
+    moco = momentum_queue(cfg, model, steps_per_epoch * train.epochs)  # None for simclr
 
     def schedule(step: int) -> float:
         return lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
@@ -88,7 +88,7 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
         return _evaluate(model, cfg, bank, test, target, workers)
 
     print(f"{data.source} ({pretrain.num_images} images) on {target}, {cfg.model.encoder} x{cfg.model.width:g}, "
-          f"loss {cfg.loss.name}, batch {data.batch_size}, {train.epochs} epochs")
+          f"{cfg.model.method} with loss {cfg.loss.name}, batch {data.batch_size}, {train.epochs} epochs")
     initial = evaluate()
     print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in initial.items()))
     history: list[dict[str, float]] = []
@@ -96,10 +96,11 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
     for epoch in range(1, train.epochs + 1):
         batches = pretrain.batches(data.batch_size, seed=train.seed + epoch, workers=workers, drop_last=True)
         with _bar(epoch, train.epochs, steps_per_epoch) as bar:
-            result = train_one_epoch(step_model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=step,
-                                     device=target, augment=augment, amp=train.amp and target.type == "cuda",
-                                     max_steps=steps_per_epoch, on_step=lambda i, loss: bar.update(1),
-                                     diagnostics=True, channels_last=train.channels_last)
+            result = train_one_epoch(step_model, batches, loss_from_config(cfg, epoch - 1), optimizer,
+                                     lr_schedule=schedule, start_step=step, device=target, augment=augment,
+                                     amp=train.amp and target.type == "cuda", max_steps=steps_per_epoch,
+                                     on_step=lambda i, loss: bar.update(1), diagnostics=True,
+                                     channels_last=train.channels_last, moco=moco)
         step = result.next_step
         metrics = {"epoch": epoch, "loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second,
                    **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}

@@ -13,7 +13,7 @@ import torch
 
 from pipelines.console import epoch_line
 from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config, model_from_config,
-                             views_in_trainer)
+                             momentum_queue, views_in_trainer)
 from sscl.config import Config, from_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
@@ -49,6 +49,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
+    per_worker = cfg.data.batch_size // world
+    steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
+    total_steps = steps_per_epoch * cfg.train.epochs
+    moco = momentum_queue(cfg, module, total_steps)  # None for simclr; after prepare_model: rank 0's weights
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "similarities": None, "initial": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -57,11 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                                          map_location=device, weights_only=True)}
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if moco is not None:
+            moco.load_state_dict(state["moco"])  # the queue as checkpointed, bit for bit
 
     step_model = compiled(model, cfg)  # what trains; evaluation and checkpoints use ``module``
-    per_worker = cfg.data.batch_size // world
-    steps_per_epoch = config["n_pretrain"] // cfg.data.batch_size
-    total_steps = steps_per_epoch * cfg.train.epochs
 
     def schedule(s: int) -> float:
         return lr_at(s, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
@@ -69,7 +72,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     in_trainer = views_in_trainer(cfg)
     augment = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed * 1000 + rank).views if in_trainer else None
-    loss_fn = loss_from_config(cfg)
     shard = ray.train.get_dataset_shard("train")
     tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"], log.warning) if rank == 0 else None
     board = config.get("progress")  # the driver prints what rank 0 posts there (pipelines.console)
@@ -81,7 +83,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                torch.save({**state, "model": module.state_dict(), "optimizer": optimizer.state_dict()},
+                moco_state = {"moco": moco.state_dict()} if moco is not None else {}
+                torch.save({**state, "model": module.state_dict(), "optimizer": optimizer.state_dict(), **moco_state},
                            Path(folder) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -102,9 +105,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
         bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch, say) if rank == 0 else None
         result = train_one_epoch(
-            step_model, batches, loss_fn, optimizer, lr_schedule=schedule, start_step=state["step"], device=device,
-            augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
-            on_step=bar.update if bar else None, diagnostics=True, channels_last=cfg.train.channels_last,
+            step_model, batches, loss_from_config(cfg, epoch), optimizer, lr_schedule=schedule, start_step=state["step"],
+            device=device, augment=augment, amp=cfg.train.amp and device.type == "cuda", max_steps=steps_per_epoch,
+            on_step=bar.update if bar else None, diagnostics=True, channels_last=cfg.train.channels_last, moco=moco,
         )
         last = epoch + 1 == cfg.train.epochs
         metrics: dict[str, float] = {"epoch": epoch + 1, "loss": result.loss, "lr": result.lr,

@@ -94,6 +94,13 @@ class ModelConfig:
     hidden_dim: int = _f(512, "projection head hidden size", ge=1, le=65536)
     out_dim: int = _f(128, "projection size", ge=1, le=65536)
     head_batchnorm: bool = _f(False, "BatchNorm in the projection head")
+    method: str = _f("simclr", "simclr (two views, in-batch negatives) | moco (momentum encoder, queue of keys)",
+                     choices=("simclr", "moco"))
+    momentum: float = _f(0.99, "moco: EMA momentum of the key encoder at the start, rising to 1 on a cosine", ge=0,
+                         le=1)
+    queue_size: int = _f(4096, "moco: keys in the queue (the real negatives), >= 2 * data.batch_size", ge=1,
+                         le=10_000_000)
+    queue_warmup_epochs: int = _f(0, "moco: epochs trained without synthetic negatives while the queue fills", ge=0)
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class LossConfig:
     temperature: float = _f(0.5, "softmax temperature t", gt=0, le=10)
     beta: float = _f(1.0, "hardness concentration (hcl, sscl)", ge=0, le=50)
     tau_plus: float = _f(0.1, "class prior for debiasing (dcl, hcl, sscl)", ge=0, lt=1)
-    n_hard: int = _f(32, "hard pool per anchor (sscl), <= 2B - 2", ge=1)
+    n_hard: int = _f(32, "hard pool per anchor (sscl), <= 2B - 2 (moco: <= model.queue_size)", ge=1)
     n_synthetic: int = _f(8, "synthetic negatives per anchor K (sscl)", ge=0)
     mode: str = _f("mix", "mix (the paper) | copy (the released code)", choices=("mix", "copy"))
 
@@ -320,7 +327,13 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                         f"{cfg.scaling.num_workers}")
     elif per_worker < 1:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= scaling.num_workers")
-    if cfg.loss.name == "sscl" and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
+    if cfg.model.method == "moco":
+        if cfg.model.queue_size < 2 * cfg.data.batch_size:
+            problems.append(f"model.queue_size={cfg.model.queue_size}: must be >= 2 * data.batch_size = "
+                            f"{2 * cfg.data.batch_size} (each step enqueues both views' keys)")
+        elif cfg.loss.name == "sscl" and cfg.loss.n_hard > cfg.model.queue_size:
+            problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= model.queue_size = {cfg.model.queue_size}")
+    elif cfg.loss.name == "sscl" and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
         problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
