@@ -61,8 +61,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                                          map_location=device, weights_only=True)}
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        resumed = {"epoch": state["epoch"]}
         if moco is not None:
             moco.load_state_dict(state["moco"])  # the queue as checkpointed, bit for bit
+            resumed["queue_sha256"] = moco.digest()
+        state["resumes"] = [*state.get("resumes", []), resumed]  # kept in later checkpoints
 
     step_model = compiled(model, cfg)  # what trains; evaluation and checkpoints use ``module``
 
@@ -78,6 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     say = (lambda line: board.post.remote(line)) if board is not None else log.info
     if tracker:
         tracker.sync(state["history"])  # epochs checkpointed before a crash but not logged yet
+    if checkpoint and rank == 0 and state["epoch"] < cfg.train.epochs:
+        say(f"resumed after epoch {state['epoch']}: model, optimiser" + (" and key queue" if moco else "") + " restored")
 
     def save(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as folder:

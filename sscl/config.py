@@ -333,6 +333,9 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                             f"{2 * cfg.data.batch_size} (each step enqueues both views' keys)")
         elif cfg.loss.name == "sscl" and cfg.loss.n_hard > cfg.model.queue_size:
             problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= model.queue_size = {cfg.model.queue_size}")
+        if cfg.scaling.sync_batchnorm:
+            problems.append("scaling.sync_batchnorm=true: not with model.method=moco, whose shuffled BatchNorm needs "
+                            "each worker's own statistics (synchronised, the keys would see their queries' batch)")
     elif cfg.loss.name == "sscl" and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:

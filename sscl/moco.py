@@ -10,6 +10,7 @@ The loss is ``sscl.losses.moco_loss``; ``sscl.train.train_one_epoch(..., moco=..
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 
 import torch
@@ -104,6 +105,10 @@ class MomentumQueue:
     def state_dict(self) -> dict:
         """The momentum model, the queue and the write position: all a resumed run needs."""
         return {"model": self.model.state_dict(), "queue": self.queue.clone(), "pointer": self.pointer}
+
+    def digest(self) -> str:
+        """SHA-256 of the queue's bytes and the write position: equal digests, bit-identical queues."""
+        return hashlib.sha256(self.queue.cpu().numpy().tobytes() + str(self.pointer).encode()).hexdigest()
 
     def load_state_dict(self, state: dict) -> None:
         """Restores ``state_dict()``; raises ValueError when the queue's shape differs from this run's."""

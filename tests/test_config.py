@@ -107,6 +107,20 @@ def test_cross_field_constraints():
         load_config(None, ["train.epochs=5", "optim.warmup_epochs=5"])
 
 
+def test_moco_checks_the_pool_against_the_queue_and_the_queue_against_the_batch():
+    moco = ["model.method=moco", "data.batch_size=8"]
+    cfg = load_config(None, [*moco, "model.queue_size=256", "loss.n_hard=64"])  # > 2B - 2: the queue is the pool
+    assert (cfg.model.method, cfg.model.queue_size, cfg.loss.n_hard) == ("moco", 256, 64)
+    with pytest.raises(ConfigError, match=r"loss.n_hard=300: must be <= model.queue_size = 256"):
+        load_config(None, [*moco, "model.queue_size=256", "loss.n_hard=300"])
+    with pytest.raises(ConfigError, match=r"model.queue_size=12: must be >= 2 \* data.batch_size = 16"):
+        load_config(None, [*moco, "model.queue_size=12", "loss.n_hard=4"])
+    with pytest.raises(ConfigError, match="scaling.sync_batchnorm=true: not with model.method=moco"):
+        load_config(None, [*moco, "scaling.sync_batchnorm=true", "loss.n_hard=4"])
+    with pytest.raises(ConfigError, match=r"model.method: .*'byol'.*simclr.*moco|model.method=.*byol"):
+        load_config(None, ["model.method=byol"])
+
+
 def test_all_problems_are_reported_together(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["loss.temperature=-1", "model.encoder=vit", "train.epochs=0", "nonsense.key=1"])
