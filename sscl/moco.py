@@ -19,7 +19,7 @@ from torch import nn
 
 from sscl.losses import world_and_rank
 
-__all__ = ["MomentumQueue", "momentum_at"]
+__all__ = ["MomentumQueue", "momentum_at", "queue_digest"]
 
 
 def momentum_at(step: int, *, base: float, total_steps: int) -> float:
@@ -37,6 +37,12 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 
 def _full(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 keys (autocast) enter the queue in float32
+
+
+def queue_digest(state: dict) -> str:
+    """SHA-256 of a ``MomentumQueue.state_dict()``'s queue bytes and write position: equal digests,
+    bit-identical queues."""
+    return hashlib.sha256(state["queue"].cpu().numpy().tobytes() + str(state["pointer"]).encode()).hexdigest()
 
 
 class MomentumQueue:
@@ -107,8 +113,8 @@ class MomentumQueue:
         return {"model": self.model.state_dict(), "queue": self.queue.clone(), "pointer": self.pointer}
 
     def digest(self) -> str:
-        """SHA-256 of the queue's bytes and the write position: equal digests, bit-identical queues."""
-        return hashlib.sha256(self.queue.cpu().numpy().tobytes() + str(self.pointer).encode()).hexdigest()
+        """``queue_digest`` of this queue."""
+        return queue_digest(self.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         """Restores ``state_dict()``; raises ValueError when the queue's shape differs from this run's."""

@@ -18,7 +18,8 @@ set together, e.g. a loss with its own priors::
         - {loss.name: hcl, loss.tau_plus: 0.1, loss.beta: 1.0}
 
 Every bound and value is validated as the config would validate it, with the preset the sweep
-starts from (so ``loss.n_hard`` is checked against that preset's batch size).
+starts from and the space's fixed values (so ``loss.n_hard`` is checked against that preset's batch
+size, or against its queue when the space fixes ``model.method: moco``).
 """
 
 from __future__ import annotations
@@ -115,8 +116,16 @@ def parse_space(tree: Any, base: Config, *, source: str = "<space>") -> SearchSp
         before = len(problems)
         param = _parse_entry(str(key), spec, problems)
         if param is not None and len(problems) == before:
-            _check_against(base, param, problems)
             params.append(param)
+    # The searched values are checked on the preset with the space's fixed values applied (e.g. a
+    # moco space's n_hard against the queue, not the preset's batch); the fixed ones on the preset.
+    fixed = {p.key: p.args[0] for p in params if p.kind == "fixed"}
+    try:
+        start = apply_overrides(base, fixed)
+    except ConfigError:
+        start = base  # the fixed values' own problems are reported below
+    for param in params:
+        _check_against(base if param.kind == "fixed" else start, param, problems)
     seen: dict[str, str] = {}
     for p in params:
         for k in ([k for bundle in p.args for k in bundle] if p.is_bundle else [p.key]):

@@ -101,6 +101,55 @@ def test_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint(tmp_path, r
     assert state["history"][0]["loss"] == pytest.approx(first_epoch_loss(uri, "worker-kill"), rel=1e-12)
 
 
+def test_moco_worker_killed_mid_epoch_resumes_with_the_checkpointed_queue(tmp_path, ray_cluster, monkeypatch):
+    from ray.util.state import list_actors
+
+    from pipelines.build import model_from_config
+    from pipelines.pretrain import main
+    from sscl.moco import queue_digest
+    from sscl.tracking import load_registered
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(QUICKSTART, quick_overrides(tmp_path, "train.epochs=3", "train.run_name=moco-kill",
+                                                  "train.max_failures=2", "model.method=moco", "model.queue_size=512",
+                                                  "model.queue_warmup_epochs=1", "tracking.model_name=moco-digits"))
+    checkpointed: dict[int, str] = {}  # epoch -> digest of the queue in its checkpoint, read before the kill
+
+    def kill_a_worker_during_epoch_2() -> None:
+        wait_for(lambda: logged_steps(uri, "moco-kill") == [1], what="epoch 1 to be checkpointed and logged")
+        time.sleep(4)
+        for saved in (tmp_path / "ray" / "moco-kill").glob("checkpoint_*/state.pt"):
+            try:
+                state = torch.load(saved, weights_only=True)
+            except (OSError, RuntimeError, EOFError):
+                continue  # being written: not the checkpoint the workers resume from
+            checkpointed[state["epoch"]] = queue_digest(state["moco"])
+        workers = list_actors(address=f"http://{ray_cluster.dashboard_url}",
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_during_epoch_2, daemon=True)
+    killer.start()
+    result = main(cfg)
+    killer.join(timeout=5)
+    assert checkpointed, "no worker was killed"
+    assert result["epochs"] == 3 and logged_steps(uri, "moco-kill") == [1, 2, 3]  # every epoch once, kNN each
+    state = final_state(tmp_path, "moco-kill")
+    (resumed,) = state["resumes"]
+    # The restarted workers trained on from the queue of the checkpoint they resumed from, bit for bit.
+    assert resumed["queue_sha256"] == checkpointed[resumed["epoch"]]
+    assert state["moco"]["queue"].shape == (512, 128) and state["moco"]["pointer"] == (3 * 22 * 128) % 512
+    # The registered encoder is the query encoder of the last checkpoint, loaded by alias.
+    model = model_from_config(cfg)
+    model.load_state_dict(state["model"])
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval().encoder(images)
+        torch.testing.assert_close(load_registered(uri, "models:/moco-digits@champion")(images), expected)
+
+
 def test_driver_killed_mid_run_rerun_resumes_and_finishes(tmp_path, ray_cluster, monkeypatch):
     import ray
 

@@ -17,10 +17,14 @@ SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
 
 
 def test_shipped_spaces_load_against_every_preset():
-    assert {p.name for p in SPACES} >= {"sscl_priors.yaml", "loss_family.yaml"}
+    assert {p.name for p in SPACES} >= {"sscl_priors.yaml", "loss_family.yaml", "moco_sscl.yaml"}
     for preset in PRESETS:
         base = load_config(preset)
         for path in SPACES:
+            if path.name == "moco_sscl.yaml" and base.scaling.sync_batchnorm:  # imagenet.yaml: MoCo refuses it
+                with pytest.raises(ConfigError, match="model.method: scaling.sync_batchnorm=true: not with model"):
+                    load_space(path, base)
+                continue
             space = load_space(path, base)
             assert space.searched_keys and all("." in k for k in space.searched_keys)
     priors = load_space(ROOT / "tune_spaces" / "sscl_priors.yaml", load_config(PRESETS[0]))
@@ -86,3 +90,13 @@ def test_misspelled_space_key_fails_before_ray_is_imported(tmp_path):
                           "--space", str(tmp_path / "space.yaml")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "exit 2 ray imported: False" in out.stdout
     assert "loss.temprature: unknown key; did you mean loss.temperature?" in out.stderr
+
+
+def test_searched_values_are_checked_with_the_spaces_fixed_values_applied():
+    base = load_config(PRESETS[0].parent / "quickstart.yaml")  # simclr, batch 128: in-batch n_hard <= 254
+    space = parse_space({"model.method": "moco", "loss.n_hard": {"choice": [64, 1024]}}, base)
+    assert space.searched_keys == ["model.method", "loss.n_hard"]
+    with pytest.raises(ConfigError, match=r"loss.n_hard \(choice\): loss.n_hard=1024: must be <= 2 \* data.batch_size"):
+        parse_space({"loss.n_hard": {"choice": [64, 1024]}}, base)
+    with pytest.raises(ConfigError, match=r"loss.n_hard=5000: must be <= model.queue_size = 4096"):
+        parse_space({"model.method": "moco", "loss.n_hard": {"choice": [5000]}}, base)
