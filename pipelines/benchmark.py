@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: every figure is a ratio of two timings taken in the same run.
 
-    python -m pipelines.benchmark loss       # sscl_loss fwd+bwd vs nt_xent, and vs lightly's NTXentLoss
+    python -m pipelines.benchmark loss       # sscl_loss fwd+bwd vs nt_xent and lightly's NTXentLoss; moco_loss vs InfoNCE
     python -m pipelines.benchmark augment    # batched TwoViewAugment vs per-image torchvision v2
     python -m pipelines.benchmark train      # SSCL training step vs SimCLR step, ResNet-18
     python -m pipelines.benchmark train --device cuda
@@ -138,6 +138,54 @@ def bench_lightly(device: str = "cpu", rounds: int = 5, repeats: int = 10) -> li
         row = dict(B=b, D=d, lightly_ms=t["lightly"] * 1e3, sscl_ms=t["sscl"] * 1e3, ratio=t["sscl"] / t["lightly"])
         rows.append(row)
         print(f"{b:>5} {d:>5} {row['lightly_ms']:>11.2f} {row['sscl_ms']:>8.2f} {row['ratio']:>13.2f}")
+    return rows
+
+
+QUEUE_SETTINGS = [(256, 128, 4096, 256, 64), (256, 128, 65536, 1024, 256)]  # (queries, D, Q, n_hard, K)
+
+
+def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE as its reference code computes it: a cross-entropy whose class 0 is the key."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def bench_queue(device: str = "cpu", rounds: int = 5, repeats: int = 5) -> list[dict[str, float]]:
+    """Forward+backward time of ``moco_loss`` with SSCL's settings relative to plain InfoNCE on the same queue."""
+    from sscl.losses import moco_loss
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = []
+    print(f"queue loss forward+backward on {device}: moco_loss (t 0.2, beta 1, tau_plus 0.1, n_hard, K) vs InfoNCE")
+    print(f"{'B':>5} {'D':>5} {'Q':>7} {'n_hard':>7} {'K':>5} {'InfoNCE ms':>11} {'moco_loss ms':>13} {'ratio':>7}")
+    for b, d, q_size, n_hard, k in QUEUE_SETTINGS:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, keys = _unit_views(b, d, device, g)
+        keys = keys.detach()
+        queue = F.normalize(torch.randn(q_size, d, device=device, generator=g), dim=1)
+
+        def timed(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+            def run() -> None:
+                loss_fn().backward()
+                q.grad = None
+
+            return run
+
+        t = _interleaved(
+            {
+                "infonce": timed(lambda: infonce(q, keys, queue, 0.2)),
+                "moco": timed(lambda: moco_loss(q, keys, queue, temperature=0.2, beta=1.0, tau_plus=0.1, n_hard=n_hard,
+                                                n_synthetic=k, generator=g)),
+            },
+            rounds=rounds,
+            repeats=repeats,
+            sync=sync,
+        )
+        row = dict(B=b, D=d, Q=q_size, n_hard=n_hard, K=k, infonce_ms=t["infonce"] * 1e3, moco_ms=t["moco"] * 1e3,
+                   ratio=t["moco"] / t["infonce"])
+        rows.append(row)
+        print(f"{b:>5} {d:>5} {q_size:>7} {n_hard:>7} {k:>5} {row['infonce_ms']:>11.2f} {row['moco_ms']:>13.2f} "
+              f"{row['ratio']:>7.2f}")
     return rows
 
 
@@ -415,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.what == "loss":
         bench_loss(args.device)
         bench_lightly(args.device)
+        bench_queue(args.device)
     elif args.what == "augment":
         bench_augment(args.device)
     else:

@@ -64,3 +64,25 @@ def test_augment_and_train_benchmarks_print_their_rows(monkeypatch, capsys):
     benchmark.bench_train(batch_size=4, width=0.125, steps=1)
     out = capsys.readouterr().out
     assert "per-image img/s" in out and "tiny" in out and "SSCL/SimCLR" in out
+
+
+def test_queue_rows_time_moco_loss_at_the_settings_they_print_against_infonce(monkeypatch, capsys):
+    import torch
+
+    calls, real = [], sscl.losses.moco_loss
+
+    def recording(q, k, queue, **hyper):
+        calls.append((q.shape[0], q.shape[1], queue.shape[0], hyper["n_hard"], hyper["n_synthetic"]))
+        return real(q, k, queue, **hyper)
+
+    monkeypatch.setattr(sscl.losses, "moco_loss", recording)
+    settings = [(8, 4, 32, 6, 3), (6, 8, 20, 4, 2)]
+    monkeypatch.setattr(benchmark, "QUEUE_SETTINGS", settings)
+    rows = benchmark.bench_queue(rounds=1, repeats=1)
+    assert printed_rows(capsys.readouterr().out, 5) == settings
+    assert [setting for setting, _ in itertools.groupby(calls)] == settings
+    assert all(r["ratio"] > 0 for r in rows)
+    # The baseline is MoCo's InfoNCE: moco_loss without hardness, debiasing or synthetic negatives.
+    g = torch.Generator().manual_seed(0)
+    q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (5, 5, 30))
+    torch.testing.assert_close(benchmark.infonce(q, k, queue, 0.2), real(q, k, queue, temperature=0.2))
