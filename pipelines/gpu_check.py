@@ -15,9 +15,11 @@ Sections, in order (each catches its own failures, so one failure keeps the rest
 1. correctness: every loss in float64 on the device against the loop reference (value and the
    gradients w.r.t. z1, z2; pass if the max abs error is <= 1e-10), the drawn hard pool against a
    sorted list, and a bf16-autocast grid (small temperatures, beta up to 10, tau_plus, nearly
-   identical and collapsed views) that passes if no loss or gradient is NaN/inf.
+   identical and collapsed views) that passes if no loss or gradient is NaN/inf; the same for the
+   queue loss ``moco_loss``.
 2. loss timing: forward+backward of ``sscl_loss`` and ``nt_xent`` at global batches 256, 1024 and
-   4096 (D = 128), median of interleaved calls timed with CUDA events.
+   4096 (D = 128), and of ``moco_loss`` and MoCo's InfoNCE at Q = 4096 and 65536, median of
+   interleaved calls timed with CUDA events.
 3. augmentation: ``TwoViewAugment.views`` images/s on a uint8 batch already on the device.
 4. training step: ``train_one_epoch`` with bf16 autocast, ResNet-18 (CIFAR stem, 32 px) and ResNet-50
    (ImageNet stem, 224 px), SimCLR and SSCL, with channels_last and torch.compile on and off.
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from sscl.data.augment import TwoViewAugment
-from sscl.losses import Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, nt_xent, sscl_loss
+from sscl.losses import Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, moco_loss, nt_xent, sscl_loss
 from sscl.models import build_model
 from sscl.train import EpochResult, build_optimizer, train_one_epoch
 
@@ -129,6 +131,7 @@ class Plan:
     Attributes:
         loss_batches: global batch sizes B for the loss timing.
         loss_dim: D of the projections.
+        queue_sizes, queue_queries: Q and the number of queries for the queue loss timing.
         loss_warmup, loss_repeats: calls before timing, timed calls per loss (interleaved).
         augment_cases: the augmentation settings.
         augment_warmup, augment_repeats: calls before timing, timed calls.
@@ -140,6 +143,8 @@ class Plan:
 
     loss_batches: tuple[int, ...]
     loss_dim: int
+    queue_sizes: tuple[int, ...]
+    queue_queries: int
     loss_warmup: int
     loss_repeats: int
     augment_cases: tuple[AugmentCase, ...]
@@ -156,6 +161,8 @@ class Plan:
 FULL = Plan(
     loss_batches=(256, 1024, 4096),
     loss_dim=128,
+    queue_sizes=(4096, 65536),
+    queue_queries=512,
     loss_warmup=3,
     loss_repeats=20,
     augment_cases=(
@@ -180,6 +187,8 @@ FULL = Plan(
 QUICK = Plan(
     loss_batches=(16, 32, 64),
     loss_dim=128,
+    queue_sizes=(256, 2048),
+    queue_queries=32,
     loss_warmup=1,
     loss_repeats=3,
     augment_cases=(
@@ -464,6 +473,53 @@ def _bf16_rows(device: torch.device) -> list[Row]:
     return rows
 
 
+def _queue_inputs(b: int, q_size: int, d: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    k = F.normalize(q + 0.5 * torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    return q, k, F.normalize(torch.randn(q_size, d, generator=g, dtype=dtype), dim=1)
+
+
+def _queue_rows(ref: ModuleType, device: torch.device) -> list[Row]:
+    """``moco_loss`` in float64 on the device against its loop reference (value, grad w.r.t. q), and
+    under bf16 autocast at sharp settings (finite loss and gradient)."""
+    errors, bad, cases = [], [], 0
+    for seed, (t, beta, tau, mode) in enumerate([(0.5, 1.0, 0.1, "mix"), (0.1, 3.0, 0.05, "copy")]):
+        q, k, queue = _queue_inputs(6, 24, 8, seed, torch.float64)
+        g = torch.Generator().manual_seed(seed + 1)
+        mixing = Mixing(torch.randint(24, (6, 5), generator=g), torch.randint(24, (6, 5), generator=g),
+                        torch.rand(6, 5, generator=g, dtype=torch.float64))
+        hyper = dict(temperature=t, beta=beta, tau_plus=tau, mode=mode)
+
+        def value_and_grad(loss_fn, q, k, queue):
+            q = q.clone().requires_grad_(True)
+            loss = loss_fn(q, k, queue)
+            return [loss.detach().cpu(), torch.autograd.grad(loss, q)[0].cpu()]
+
+        got = value_and_grad(lambda *a: moco_loss(*a, **hyper, n_hard=4, n_synthetic=5,
+                                                  mixing=Mixing(*(x.to(device) for x in mixing))),
+                             *(x.to(device) for x in (q, k, queue)))
+        want = value_and_grad(lambda *a: ref.reference_moco(*a, **hyper, mixing=mixing), q, k, queue)
+        errors.append(max((x - y).abs().max().item() for x, y in zip(got, want)))
+    for t, beta in [(0.05, 10.0), (0.2, 1.0), (1.0, 0.0)]:
+        cases += 1
+        q, k, queue = (x.to(device, torch.bfloat16) for x in _queue_inputs(64, 4096, 128, 0, torch.float32))
+        q.requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = moco_loss(q, k, queue, temperature=t, beta=beta, tau_plus=0.1, n_hard=64, n_synthetic=32,
+                             generator=torch.Generator(device=device).manual_seed(0))
+        (grad,) = torch.autograd.grad(loss, q)
+        if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+            bad.append(f"t={t} beta={beta}")
+    worst = max(errors)
+    return [
+        Row("correctness", "moco_loss float64 vs loop reference (value, grad q)", worst, "max abs err",
+            "pass" if worst <= TOLERANCE else f"FAIL: max abs error {worst:.3g} > {TOLERANCE:g}"),
+        Row("correctness", "moco_loss bf16 autocast Q=4096: loss and grad finite", float(len(bad)), f"bad of {cases}",
+            "pass" if not bad else f"FAIL: non-finite at {bad[0]}"),
+    ]
+
+
 def check_correctness(device: torch.device, plan: Plan) -> list[Row]:
     """Section 1: the losses on ``device`` against the loop reference, the drawn pool, bf16 stability.
 
@@ -479,6 +535,7 @@ def check_correctness(device: torch.device, plan: Plan) -> list[Row]:
         "losses vs loop reference": lambda: _reference_rows(ref, device),
         "draw_mixing vs sorted pool": lambda: _draw_rows(ref, device),
         "bf16 autocast grid": lambda: _bf16_rows(device),
+        "moco_loss": lambda: _queue_rows(ref, device),
     }
     rows = []
     for part, run in parts.items():
@@ -536,6 +593,33 @@ def time_losses(device: torch.device, plan: Plan) -> list[Row]:
             ]
         except Exception as exc:
             rows.append(Row("loss timing", f"B={b} D={plan.loss_dim}", None, "ms", f"error: {_error_text(exc)}"))
+        _free_memory(device)
+    for q_size in plan.queue_sizes:
+        case = f"Q={q_size} queries={plan.queue_queries} D={plan.loss_dim}"
+        try:
+            q, k, queue = (x.to(device) for x in _queue_inputs(plan.queue_queries, q_size, plan.loss_dim, 0,
+                                                              torch.float32))
+            q.requires_grad_(True)
+            g = torch.Generator(device=device).manual_seed(0)
+            n_hard, n_synthetic = min(1024, q_size), 256
+            infonce = get_loss("simclr", "moco", temperature=0.2)
+            ms = _median_ms(
+                {
+                    "infonce": lambda: infonce(q, k, queue).backward(),
+                    "moco": lambda: moco_loss(q, k, queue, temperature=0.2, beta=1.0, tau_plus=0.1, n_hard=n_hard,
+                                              n_synthetic=n_synthetic, generator=g).backward(),
+                },
+                device,
+                warmup=plan.loss_warmup,
+                repeats=plan.loss_repeats,
+            )
+            rows += [
+                Row("loss timing", f"InfoNCE {case} fwd+bwd", ms["infonce"], "ms", "ok"),
+                Row("loss timing", f"moco_loss {case} n_hard={n_hard} K={n_synthetic} fwd+bwd", ms["moco"], "ms", "ok"),
+                Row("loss timing", f"moco_loss/InfoNCE {case}", ms["moco"] / ms["infonce"], "time ratio", "ok"),
+            ]
+        except Exception as exc:
+            rows.append(Row("loss timing", f"moco_loss {case}", None, "ms", f"error: {_error_text(exc)}"))
         _free_memory(device)
     return rows
 
