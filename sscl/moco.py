@@ -80,9 +80,11 @@ class MomentumQueue:
         The momentum model runs in training mode (BatchNorm on batch statistics, as in MoCo). With several
         workers it encodes a random share of the *global* batch (MoCo's shuffled BatchNorm): a key's
         BatchNorm statistics then come from other images than its query's, so the two cannot share a
-        batch-level shortcut. The shuffle is drawn on rank 0 and broadcast.
+        batch-level shortcut. The shuffle is drawn on rank 0 and broadcast. (In one process there is
+        nothing to shuffle with: the keys' statistics are those of the whole two-view batch, as the queries'.)
         """
         world, rank = world_and_rank()
+        self.model.train()
         with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=amp):
             if world == 1:
                 return _full(self.model(views)[1])
