@@ -100,3 +100,7 @@ def test_searched_values_are_checked_with_the_spaces_fixed_values_applied():
         parse_space({"loss.n_hard": {"choice": [64, 1024]}}, base)
     with pytest.raises(ConfigError, match=r"loss.n_hard=5000: must be <= model.queue_size = 4096"):
         parse_space({"model.method": "moco", "loss.n_hard": {"choice": [5000]}}, base)
+    # A fixed value that no searched batch can hold is refused before any trial starts.
+    with pytest.raises(ConfigError, match=r"data.batch_size \(grid\): loss.n_hard=64: must be <= 2 \* data.batch_size "
+                                          r"- 2 = 38"):
+        parse_space({"data.batch_size": {"grid": [20, 64]}, "loss.n_hard": 64}, base)

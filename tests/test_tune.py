@@ -189,9 +189,10 @@ def test_a_failing_trial_is_retried_then_reported_and_the_sweep_goes_on(tmp_path
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    # Each value is valid on its own, but a batch of 20 leaves room for only 38 hard negatives: that
-    # trial fails in its driver (every attempt), the other one trains.
-    (tmp_path / "space.yaml").write_text("data.batch_size: {grid: [20, 64]}\nloss.n_hard: 64\n")
+    # Each searched value is valid on its own, but a batch of 20 leaves room for only 38 hard negatives:
+    # that trial fails in its driver (every attempt), the other one trains. (With n_hard fixed rather than
+    # searched, the space itself would be refused before any trial.)
+    (tmp_path / "space.yaml").write_text("data.batch_size: {grid: [20, 64]}\nloss.n_hard: {grid: [64]}\n")
     args = sweep_args(tmp_path, "failing", "tune.num_samples=1", "train.epochs=1", "tune.max_failures=1")
     cfg = load_config(QUICKSTART, args)
     out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg))
