@@ -66,5 +66,5 @@ def test_job_upload_leaves_out_venv_data_mlflow_store_and_checkpoints(tmp_path):
         (tree / name).write_bytes(b"x")
     create_package(str(tree), tmp_path / "package.zip", include_gitignore=True)
     packed = set(ZipFile(tmp_path / "package.zip").namelist())
-    assert {"sscl/losses.py", "pipelines/pretrain.py", "tune_spaces/sscl_priors.yaml"} <= packed
+    assert {"sscl/losses/two_view.py", "pipelines/pretrain.py", "tune_spaces/sscl_priors.yaml"} <= packed
     assert not [name for name in state if name in packed]

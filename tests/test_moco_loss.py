@@ -87,7 +87,7 @@ def test_drawn_parents_are_each_querys_hardest_queue_entries():
     _, found = moco_loss(q, k, queue, temperature=0.5, n_hard=6, n_synthetic=50, generator=generator,
                          return_diagnostics=True)
     # The same draw, replayed: each parent is among the query's 6 most similar queue rows.
-    from sscl.losses import _draw
+    from sscl.losses.two_view import _draw
 
     with torch.no_grad():
         similarities = q @ queue.T

@@ -22,13 +22,13 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
-           "negative_similarities", "nt_xent", "sscl_loss"]
+__all__ = ["LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "hcl_loss", "negative_similarities", "nt_xent",
+           "sscl_loss", "world_and_rank"]
 
 Mode = Literal["mix", "copy"]
 Reduction = Literal["mean", "none"]
@@ -355,78 +355,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, reduction
     return loss, _diagnostics(no_floor, logits.detach() * temperature + batch.negative_mask, None)
 
 
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperature: float, beta: float = 0.0,
-              tau_plus: float = 0.0, n_hard: int = 0, n_synthetic: int = 0, mode: Mode = "mix",
-              mixing: Mixing | tuple[torch.Tensor, ...] | None = None, generator: torch.Generator | None = None,
-              reduction: Reduction = "mean", return_diagnostics: bool = False
-              ) -> torch.Tensor | tuple[torch.Tensor, LossDiagnostics]:
-    """SSCL's negatives on a MoCo queue: ``method.md`` steps 1-3 with the queue as the real negatives.
-
-    Query ``q_a``'s positive is its key ``k_a``; its real negatives are the Q queue entries, its hard pool
-    the ``n_hard`` most similar of them, and its K synthetic negatives mix two pool members as in
-    :func:`sscl_loss`; step 3 with ``N = Q + K``. Gradient flows to ``q`` only (``k`` and ``queue`` come
-    from the momentum encoder). beta = tau_plus = 0, K = 0 is MoCo's InfoNCE; K = 0 is HCL on the queue.
-    Each rank computes its own queries against the same queue, so the loss needs no gather: averaged
-    over ranks (as DDP does) it equals one process's loss on the concatenated batch.
-
-    Args:
-        q: (B, D) L2-normalised queries. k: (B, D) their L2-normalised positive keys.
-        queue: (Q, D) L2-normalised negatives.
-        temperature, beta, tau_plus, n_hard (<= Q), n_synthetic, mode, generator, reduction,
-        return_diagnostics: as :func:`sscl_loss`.
-        mixing: optional ``(j1, j2, alpha)``, each (B, K): row indices into ``queue`` and weights of ``j1``.
-
-    Returns:
-        Scalar mean over the queries, or (B,) values; ``(loss, diagnostics)`` when asked.
-
-    Raises:
-        ValueError: naming the argument on bad shapes or values.
-    """
-    problems = [message for ok, message in [
-        (q.ndim == 2 and q.shape == k.shape, f"q and k must have the same shape (B, D), got {tuple(q.shape)} "
-                                             f"and {tuple(k.shape)}"),
-        (queue.ndim == 2 and queue.shape[0] >= 1 and queue.shape[1:] == q.shape[1:],
-         f"queue must have shape (Q, D) = (Q, {q.shape[-1]}) with Q >= 1, got {tuple(queue.shape)}"),
-        (all(t.is_floating_point() for t in (q, k, queue)), f"q, k and queue must be floating, got {q.dtype}, "
-                                                             f"{k.dtype}, {queue.dtype}"),
-    ] if not ok]
-    if problems:
-        raise ValueError("; ".join(problems))
-    problems = _hyper_problems(temperature=temperature, beta=beta, tau_plus=tau_plus, reduction=reduction,
-                               n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing, pool=queue.shape[0],
-                               pool_name="Q")
-    if problems:
-        raise ValueError("; ".join(problems))
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, queue = q.to(dtype), k.detach().to(dtype), queue.detach().to(dtype)
-        positive = (q * k).sum(dim=1)  # (B,) s(q_a, k_a)
-        real = q @ queue.T  # (B, Q): step 1's candidates, all real negatives
-    negatives = real
-    if n_synthetic:
-        if mixing is None:
-            mixing = _draw(real, n_hard, n_synthetic, generator)
-        j1, j2, alpha = (t.to(q.device) for t in mixing)
-        for name, t in (("j1", j1), ("j2", j2), ("alpha", alpha)):
-            if t.shape != (q.shape[0], n_synthetic):
-                raise ValueError(f"mixing {name} must have shape (B, n_synthetic) = ({q.shape[0]}, {n_synthetic}), "
-                                 f"got {tuple(t.shape)}")
-        s1 = real.gather(1, j1)  # (B, K)
-        if mode == "copy":
-            synthetic = s1
-        else:
-            with torch.no_grad():  # (B, K) <queue[j1], queue[j2]>; the queue is detached, so (B, K, D) is cheap
-                s12 = torch.linalg.vecdot(queue[j1], queue[j2])
-            synthetic = _mixed(s1, real.gather(1, j2), s12, alpha)
-        negatives = torch.cat([real, synthetic], dim=1)  # (B, Q + K)
-    per_query, on_floor = _debiased_hard_loss(positive / temperature, negatives, queue.shape[0] + n_synthetic,
-                                              temperature=temperature, beta=beta, tau_plus=tau_plus)
-    loss = per_query.mean() if reduction == "mean" else per_query
-    if not return_diagnostics:
-        return loss
-    return loss, _diagnostics(on_floor, real, negatives[:, queue.shape[0]:] if n_synthetic else None)
-
-
 def draw_mixing(z1: torch.Tensor, z2: torch.Tensor, *, n_hard: int, n_synthetic: int,
                 generator: torch.Generator | None = None) -> Mixing:
     """Draws the synthetic-negative recipe of ``method.md`` steps 1-2 for this process's anchors.
@@ -460,36 +388,3 @@ def negative_similarities(z1: torch.Tensor, z2: torch.Tensor, *, n_hard: int, n_
     negatives = _negatives(batch, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=None, generator=generator)
     n_rows = batch.z.shape[0]
     return negatives[:, :n_rows][torch.isfinite(batch.negative_mask)], negatives[:, n_rows:].flatten()
-
-
-# Name -> (function, the hyperparameters it takes). Config field names equal these keywords.
-LOSSES: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
-    "simclr": (nt_xent, ("temperature",)),
-    "dcl": (dcl_loss, ("temperature", "tau_plus")),
-    "hcl": (hcl_loss, ("temperature", "beta", "tau_plus")),
-    "sscl": (sscl_loss, ("temperature", "beta", "tau_plus", "n_hard", "n_synthetic", "mode")),
-}
-
-
-def get_loss(name: str, method: str = "simclr", **hyper: object) -> Callable[..., torch.Tensor]:
-    """Binds loss family ``name`` (one of ``LOSSES``) to its keywords among ``hyper``, ignoring the others.
-
-    ``method="simclr"``: the two-view loss; ``method="moco"``: :func:`moco_loss` with the family's
-    keywords (simclr: InfoNCE; dcl, hcl: K = 0; sscl: all).
-
-    Returns:
-        ``fn(z1, z2, **extra)`` (``fn(q, k, queue, **extra)`` for moco) ``-> loss``; extra keywords pass
-        through (e.g. ``return_diagnostics=True``).
-
-    Raises:
-        ValueError: on an unknown name or method, listing the valid ones, or a missing hyperparameter.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    if method not in ("simclr", "moco"):
-        raise ValueError(f"unknown method {method!r}; valid: simclr, moco")
-    fn, keys = LOSSES[name]
-    missing = [k for k in keys if k not in hyper]
-    if missing:
-        raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
-    return functools.partial(moco_loss if method == "moco" else fn, **{k: hyper[k] for k in keys})

@@ -1,0 +1,51 @@
+"""The contrastive losses and their registry.
+
+- :mod:`sscl.losses.two_view`: NT-Xent, DCL, HCL and SSCL on two views of a batch, the steps of ``method.md``.
+- :mod:`sscl.losses.queue`: the same steps with a MoCo key queue as the negatives (``moco_loss``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from sscl.losses.queue import moco_loss
+from sscl.losses.two_view import (LossDiagnostics, Mixing, dcl_loss, draw_mixing, hcl_loss, negative_similarities,
+                                  nt_xent, sscl_loss, world_and_rank)
+
+__all__ = ["LOSSES", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
+           "negative_similarities", "nt_xent", "sscl_loss", "world_and_rank"]
+
+# Name -> (function, the hyperparameters it takes). Config field names equal these keywords.
+LOSSES: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
+    "simclr": (nt_xent, ("temperature",)),
+    "dcl": (dcl_loss, ("temperature", "tau_plus")),
+    "hcl": (hcl_loss, ("temperature", "beta", "tau_plus")),
+    "sscl": (sscl_loss, ("temperature", "beta", "tau_plus", "n_hard", "n_synthetic", "mode")),
+}
+
+
+def get_loss(name: str, method: str = "simclr", **hyper: object) -> Callable[..., torch.Tensor]:
+    """Binds loss family ``name`` (one of ``LOSSES``) to its keywords among ``hyper``, ignoring the others.
+
+    ``method="simclr"``: the two-view loss; ``method="moco"``: :func:`moco_loss` with the family's
+    keywords (simclr: InfoNCE; dcl, hcl: K = 0; sscl: all).
+
+    Returns:
+        ``fn(z1, z2, **extra)`` (``fn(q, k, queue, **extra)`` for moco) ``-> loss``; extra keywords pass
+        through (e.g. ``return_diagnostics=True``).
+
+    Raises:
+        ValueError: on an unknown name or method, listing the valid ones, or a missing hyperparameter.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    if method not in ("simclr", "moco"):
+        raise ValueError(f"unknown method {method!r}; valid: simclr, moco")
+    fn, keys = LOSSES[name]
+    missing = [k for k in keys if k not in hyper]
+    if missing:
+        raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
+    return functools.partial(moco_loss if method == "moco" else fn, **{k: hyper[k] for k in keys})
