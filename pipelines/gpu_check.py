@@ -7,7 +7,7 @@ throughput, in a single process that needs only PyTorch (and torchvision, numpy)
 
 It is written for a lent GPU machine that has PyTorch but neither Ray, MLflow nor this project
 installed: run it from the repository root. It imports only ``sscl.losses``, ``sscl.models``,
-``sscl.data.augment`` and ``sscl.train`` (torch and numpy only) and the loop reference in
+``sscl.moco``, ``sscl.data.augment`` and ``sscl.train`` (torch and numpy only) and the loop reference in
 ``tests/loss_reference.py``.
 
 Sections, in order (each catches its own failures, so one failure keeps the rest):
@@ -22,7 +22,8 @@ Sections, in order (each catches its own failures, so one failure keeps the rest
    interleaved calls timed with CUDA events.
 3. augmentation: ``TwoViewAugment.views`` images/s on a uint8 batch already on the device.
 4. training step: ``train_one_epoch`` with bf16 autocast, ResNet-18 (CIFAR stem, 32 px) and ResNet-50
-   (ImageNet stem, 224 px), SimCLR and SSCL, with channels_last and torch.compile on and off.
+   (ImageNet stem, 224 px), SimCLR, SSCL and SSCL on a MoCo queue (the momentum encoder's keys, its
+   update and the enqueue in every step), with channels_last and torch.compile on and off.
 
 It prints one aligned table at the end and writes the same rows as JSON to ``--out``; the exit
 status is 1 if any correctness row failed, else 0.
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from sscl.data.augment import TwoViewAugment
 from sscl.losses import Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, moco_loss, nt_xent, sscl_loss
 from sscl.models import build_model
+from sscl.moco import MomentumQueue
 from sscl.train import EpochResult, build_optimizer, train_one_epoch
 
 T = TypeVar("T")
@@ -118,6 +120,10 @@ class StepOptions:
     def label(self) -> str:
         return f"channels_last {'on' if self.channels_last else 'off'}, compile {'on' if self.compile else 'off'}"
 
+
+# The training step's losses: the first is every ratio's denominator. "moco sscl": SSCL on a MoCo queue.
+TRAIN_LOSSES = ("simclr", "sscl", "moco sscl")
+PROJECTION_DIM = 128  # z of the training step's models, and of the queue's keys
 
 # Compile only with channels_last on: each compile of ResNet-50 costs about a minute, and the
 # channels_last effect is already measured without it.
@@ -665,16 +671,26 @@ def _timed_epoch(
     """Warm-up steps, then ``plan.train_steps`` timed steps of ``train_one_epoch`` on one batch.
 
     ``runner`` is the model or its compiled wrapper; the optimiser is built on ``model``'s parameters
-    (the same tensors). Peak memory statistics are reset after the warm-up.
+    (the same tensors). ``loss_name`` is a key of ``LOSSES``, or "moco sscl": SSCL on a queue of
+    ``plan.queue_sizes[0]`` keys from a momentum copy of ``model``. Peak memory statistics are reset
+    after the warm-up.
 
     Returns:
         The timed epoch's result and its duration in ms.
     """
-    n_hard = min(HYPER["n_hard"], 2 * batch["view1"].shape[0] - 2)
-    loss_fn = get_loss(loss_name, **(HYPER | dict(n_hard=n_hard)))
+    method, _, family = loss_name.rpartition(" ")
+    moco = None
+    if method == "moco":
+        queue_size = plan.queue_sizes[0]
+        moco = MomentumQueue(model, queue_size=queue_size, momentum=0.99, total_steps=1000, dim=PROJECTION_DIM,
+                             seed=0)
+        n_hard = min(HYPER["n_hard"], queue_size)
+    else:
+        n_hard = min(HYPER["n_hard"], 2 * batch["view1"].shape[0] - 2)
+    loss_fn = get_loss(family, method or "simclr", **(HYPER | dict(n_hard=n_hard)))
     # SGD as built for training: fused kernels when the parameters are on a GPU.
     optimizer = build_optimizer(model, "sgd", lr=0.01)
-    kwargs = dict(lr_schedule=lambda step: 0.01, device=device, amp=True, channels_last=channels_last)
+    kwargs = dict(lr_schedule=lambda step: 0.01, device=device, amp=True, channels_last=channels_last, moco=moco)
     train_one_epoch(runner, [batch] * plan.train_warmup, loss_fn, optimizer, **kwargs)  # compiles, if compiled
     _sync(device)
     if device.type == "cuda":
@@ -685,13 +701,13 @@ def _timed_epoch(
 def _train_one_option_set(
     case: TrainCase, options: StepOptions, device: torch.device, plan: Plan, start: float
 ) -> list[Row]:
-    """Both losses' training steps for one model and one set of step options."""
+    """The training steps of SimCLR, SSCL and SSCL on a MoCo queue for one model and one set of step options."""
     section = "training step"
     label = f"{case.name}, {options.label}"
     if options.compile and plan.compile_backend != "inductor":
         label += f" ({plan.compile_backend} backend)"
     torch.manual_seed(0)
-    model = build_model(case.encoder, stem=case.stem, width=case.width).to(device)
+    model = build_model(case.encoder, stem=case.stem, width=case.width, out_dim=PROJECTION_DIM).to(device)
     g = torch.Generator().manual_seed(0)
     shape = (case.batch, 3, case.image_size, case.image_size)
     batch = {name: torch.randn(shape, generator=g).to(device) for name in ("view1", "view2")}
@@ -700,7 +716,7 @@ def _train_one_option_set(
     runner = torch.compile(model, backend=plan.compile_backend) if options.compile else model
     rows, seconds = [], {}
     compile_error = None
-    for loss_name in ("simclr", "sscl"):
+    for loss_name in TRAIN_LOSSES:
         case_name = f"{loss_name} {label}"
         if compile_error is not None:  # another attempt would spend the same compile time to fail again
             rows.append(Row(section, case_name, None, "img/s", f"skipped: compile failed above ({compile_error})"))
@@ -726,15 +742,17 @@ def _train_one_option_set(
                 compile_error = _error_text(exc)[:80]
         model.zero_grad(set_to_none=True)
         _free_memory(device)
-    if len(seconds) == 2:
-        rows.append(Row(section, f"sscl/simclr {label}", seconds["sscl"] / seconds["simclr"], "step time ratio", "ok"))
+    for loss_name in TRAIN_LOSSES[1:]:
+        if loss_name in seconds and "simclr" in seconds:
+            rows.append(Row(section, f"{loss_name}/simclr {label}", seconds[loss_name] / seconds["simclr"],
+                            "step time ratio", "ok"))
     return rows
 
 
 def time_training(device: torch.device, plan: Plan) -> list[Row]:
     """Section 4: images/s and peak memory of ``train_one_epoch`` (bf16 autocast) on synthetic views.
 
-    Each model runs SimCLR and SSCL under each of ``OPTION_SETS``; images count the batch (two
+    Each model runs ``TRAIN_LOSSES`` under each of ``OPTION_SETS``; images count the batch (two
     views of ``batch`` images are ``batch`` images, as ``train_one_epoch`` counts). The compiled
     option set comes last, so that a run short of time drops it first.
 
@@ -743,8 +761,8 @@ def time_training(device: torch.device, plan: Plan) -> list[Row]:
         plan: the models, step counts, compile backend and time budget.
 
     Returns:
-        Per case: an images/s row and a peak-memory row; per model and option set, the SSCL/SimCLR
-        step time ratio. Cases that did not run carry "error: ..." or "skipped: ..." instead.
+        Per case: an images/s row and a peak-memory row; per model and option set, the step time
+        ratios of SSCL and of SSCL on a MoCo queue to SimCLR. Cases that did not run carry "error: ..." or "skipped: ..." instead.
     """
     start = time.monotonic()
     rows = []

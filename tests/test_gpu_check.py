@@ -96,8 +96,14 @@ def test_quick_cpu_run_reports_every_section_on_torch_alone(tmp_path):
         i = rows.index(r)
         assert abs(r["figure"] - rows[i - 1]["figure"] / rows[i - 2]["figure"]) < 1e-9
     steps = [r for r in rows if r["section"] == "training step" and r["unit"] == "img/s"]
-    assert len(steps) == 2 * 2 * 3  # models x losses x option sets
+    assert len(steps) == 2 * 3 * 3  # models x (simclr, sscl, moco sscl) x option sets
     assert all(r["status"] == "ok" and r["extra"]["steps"] == 2 for r in steps)
+    ms = {r["case"]: r["extra"]["ms_per_step"] for r in steps}
+    ratios = [r for r in rows if r["unit"] == "step time ratio"]
+    assert len(ratios) == 2 * 2 * 3  # (sscl, moco sscl) over simclr, per model and option set
+    for r in ratios:  # "<loss>/simclr <model, options>" divides the two cases' step times
+        loss, label = r["case"].split("/simclr ")
+        assert abs(r["figure"] - ms[f"{loss} {label}"] / ms[f"simclr {label}"]) < 1e-9, r
 
 
 def test_wrong_loss_fails_its_correctness_row(monkeypatch):
