@@ -17,13 +17,15 @@ from pipelines.build import (augment_kwargs, compiled, eval_transform, for_train
 from sscl.config import Config, from_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
-from sscl.losses import negative_similarities
+from sscl.losses import negative_similarities, queue_negative_similarities
+from sscl.moco import MomentumQueue
 from sscl.tracking import EpochLogger
 from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 # Worker output goes through a logger: Ray Train forwards print() output to the driver twice.
 log = logging.getLogger("sscl.pretrain")
 STATE_FILE = "state.pt"
+HISTOGRAM_VALUES = 2**16  # real-negative similarities kept for a moco run's histogram (in every checkpoint)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -102,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     if state["epoch"] == 0:
         # The same protocol on the untrained encoder: the yardstick for what pretraining bought.
-        state["initial"], _ = evaluate_on_workers(model, cfg, device)
+        state["initial"], _ = evaluate_on_workers(model, cfg, device, moco)
         if rank == 0:
             say("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -120,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      # How the negatives behaved (rank 0's anchors): see LossDiagnostics.
                                      **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}
         if (epoch + 1) % cfg.train.knn_every == 0 or last:
-            evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device)
+            evaluated, state["similarities"] = evaluate_on_workers(model, cfg, device, moco)
             metrics |= evaluated
         if cfg.data.skip_corrupt and rank == 0:
             metrics["skipped_images"] = ray.get(config["bad_images"].count.remote())
@@ -134,9 +136,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.device) -> tuple[dict[str, float], dict]:
+def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.device, moco: MomentumQueue | None = None
+                        ) -> tuple[dict[str, float], dict]:
     """kNN and linear top-1 of the encoder, every rank encoding its shard of the evaluation sets on
-    its own device (call on every rank); also anchor-negative similarities for the histogram.
+    its own device (call on every rank); also anchor-negative similarities for the histogram (with
+    ``moco``: the queries' similarities to its queue).
 
     Returns:
         The metrics (the same on every rank) and ``{"real": ..., "synthetic": ...}`` similarities (CPU tensors).
@@ -162,13 +166,16 @@ def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.devic
     metrics = evaluate_encoder(module.encoder, keep_first(batches("eval_train")), batches("eval_test"), device=device,
                                k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
                                linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
-    return metrics, _similarities(module, first["image"], cfg, device)
+    return metrics, _similarities(module, first["image"], cfg, device, moco)
 
 
 @torch.no_grad()
-def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device) -> dict:
+def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
+                  moco: MomentumQueue | None = None) -> dict:
     """Real and synthetic negative similarities of the current model on two fresh views of a few
-    evaluation images (every rank takes the same number, as the loss gathers across ranks)."""
+    evaluation images (every rank takes the same number, as the loss gathers across ranks). With
+    ``moco``, each view's queries against the queue: the real negatives are the queue's keys, at most
+    ``HISTOGRAM_VALUES`` of them drawn at random (a queue of 65,536 keys gives 8M similarities)."""
     n = torch.tensor([min(len(images), 64)], device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
@@ -182,6 +189,12 @@ def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, de
     z1, z2 = module(view1)[1].float(), module(view2)[1].float()
     module.train(was_training)
     n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
+    if moco is not None:
+        generator = torch.Generator(device).manual_seed(cfg.train.seed)
+        real, synthetic = queue_negative_similarities(torch.cat([z1, z2]), moco.queue, n_hard=cfg.loss.n_hard,
+                                                      n_synthetic=n_syn, mode=cfg.loss.mode, generator=generator)
+        sample = torch.randperm(len(real), generator=generator, device=device)[:HISTOGRAM_VALUES]
+        return {"real": real[sample].cpu(), "synthetic": synthetic.cpu()}
     real, synthetic = negative_similarities(z1, z2, n_hard=min(cfg.loss.n_hard, 2 * n * world - 2), n_synthetic=n_syn,
                                             mode=cfg.loss.mode)
     return {"real": real.cpu(), "synthetic": synthetic.cpu()}

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from loss_reference import reference_loss, reference_nt_xent, reference_pool
-from sscl.losses import LossDiagnostics, Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, nt_xent, sscl_loss
+from sscl.losses import (LossDiagnostics, Mixing, dcl_loss, draw_mixing, get_loss, hcl_loss, negative_similarities,
+                         nt_xent, sscl_loss)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -358,3 +359,17 @@ def test_bad_input_names_the_argument(kwargs, z_shapes, match):
     hyper = dict(temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=2, n_synthetic=2, mode="mix") | kwargs
     with pytest.raises(ValueError, match=match):
         sscl_loss(z1, z2, **hyper)
+
+
+def test_histogram_similarities_are_the_real_negatives_and_the_losss_own_synthetics():
+    b = 6
+    z1, z2 = views(b, seed=5, requires_grad=False)
+    real, synthetic = negative_similarities(z1, z2, n_hard=4, n_synthetic=3, generator=torch.Generator().manual_seed(9))
+    z = torch.cat([z1, z2])
+    rows = torch.arange(2 * b)
+    is_negative = (rows[:, None] != rows) & (rows[None, :] != (rows[:, None] + b) % (2 * b))  # (2B, 2B)
+    torch.testing.assert_close(real, (z @ z.T)[is_negative], **TOL)  # each anchor's 2B - 2, row by row
+    _, found = sscl_loss(z1, z2, temperature=0.5, beta=1.0, tau_plus=0.1, n_hard=4, n_synthetic=3,
+                         generator=torch.Generator().manual_seed(9), return_diagnostics=True)
+    assert synthetic.shape == (2 * b * 3,)
+    torch.testing.assert_close(synthetic.mean(), found.synthetic_mean, **TOL)  # the same draw as the loss

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loss_reference import reference_moco
-from sscl.losses import Mixing, get_loss, moco_loss
+from sscl.losses import Mixing, get_loss, moco_loss, queue_negative_similarities
 
 pytestmark = pytest.mark.unit
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -145,3 +145,21 @@ def test_bad_input_names_the_argument(shapes, kwargs, match):
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'byol'; valid: simclr, moco"):
         get_loss("sscl", "byol", temperature=0.5)
+
+
+@pytest.mark.parametrize("mode", ["mix", "copy"])
+def test_histogram_similarities_are_the_queue_and_the_losss_own_synthetics(mode):
+    q, k, queue = (t.detach() for t in queries_keys_queue(b=5, q_size=30))
+    real, synthetic = queue_negative_similarities(q, queue, n_hard=4, n_synthetic=7, mode=mode,
+                                                  generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(real, (q @ queue.T).flatten(), **TOL)
+    # The same generator seed draws the same synthetic negatives as the loss.
+    _, found = moco_loss(q, k, queue, temperature=0.5, n_hard=4, n_synthetic=7, mode=mode,
+                         generator=torch.Generator().manual_seed(2), return_diagnostics=True)
+    assert synthetic.shape == (5 * 7,)
+    torch.testing.assert_close(synthetic.mean(), found.synthetic_mean, **TOL)
+    if mode == "copy":  # each synthetic negative is one of its query's 4 most similar queue keys
+        pool = (q @ queue.T).topk(4, dim=1).values  # (5, 4)
+        assert bool((synthetic.view(5, 7, 1) == pool[:, None, :]).any(dim=2).all())
+    with pytest.raises(ValueError, match=r"n_hard must be in \[0, Q = 30\]"):
+        queue_negative_similarities(q, queue, n_hard=31, n_synthetic=2)

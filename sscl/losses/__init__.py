@@ -11,12 +11,12 @@ from typing import Callable
 
 import torch
 
-from sscl.losses.queue import moco_loss
+from sscl.losses.queue import moco_loss, queue_negative_similarities
 from sscl.losses.two_view import (LossDiagnostics, Mixing, dcl_loss, draw_mixing, hcl_loss, negative_similarities,
                                   nt_xent, sscl_loss, world_and_rank)
 
 __all__ = ["LOSSES", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
-           "negative_similarities", "nt_xent", "sscl_loss", "world_and_rank"]
+           "negative_similarities", "nt_xent", "queue_negative_similarities", "sscl_loss", "world_and_rank"]
 
 # Name -> (function, the hyperparameters it takes). Config field names equal these keywords.
 LOSSES: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {

@@ -17,7 +17,31 @@ import torch
 from sscl.losses.two_view import (LossDiagnostics, Mixing, Mode, Reduction, _debiased_hard_loss, _diagnostics,
                                   _draw, _hyper_problems, _mixed)
 
-__all__ = ["moco_loss"]
+__all__ = ["moco_loss", "queue_negative_similarities"]
+
+
+def _queue_negatives(q: torch.Tensor, queue: torch.Tensor, *, n_hard: int, n_synthetic: int, mode: Mode,
+                     mixing: Mixing | tuple[torch.Tensor, ...] | None, generator: torch.Generator | None
+                     ) -> torch.Tensor:
+    """Steps 1-2 on the queue: (B, Q + K) similarities of the queries ``q`` (B, D) to the real negatives,
+    the queue (Q, D, detached), then to the K synthetic ones. Float32 (float64) also under autocast."""
+    with torch.autocast(q.device.type, enabled=False):
+        real = q @ queue.T  # (B, Q): step 1's candidates, all real negatives
+    if not n_synthetic:
+        return real
+    if mixing is None:
+        mixing = _draw(real, n_hard, n_synthetic, generator)
+    j1, j2, alpha = (t.to(q.device) for t in mixing)
+    for name, t in (("j1", j1), ("j2", j2), ("alpha", alpha)):
+        if t.shape != (q.shape[0], n_synthetic):
+            raise ValueError(f"mixing {name} must have shape (B, n_synthetic) = ({q.shape[0]}, {n_synthetic}), "
+                             f"got {tuple(t.shape)}")
+    s1 = real.gather(1, j1)  # (B, K)
+    if mode == "copy":
+        return torch.cat([real, s1], dim=1)
+    with torch.no_grad():  # (B, K) <queue[j1], queue[j2]>; the queue is detached, so (B, K, D) is cheap
+        s12 = torch.linalg.vecdot(queue[j1], queue[j2])
+    return torch.cat([real, _mixed(s1, real.gather(1, j2), s12, alpha)], dim=1)
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperature: float, beta: float = 0.0,
@@ -66,27 +90,30 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperat
     with torch.autocast(q.device.type, enabled=False):
         q, k, queue = q.to(dtype), k.detach().to(dtype), queue.detach().to(dtype)
         positive = (q * k).sum(dim=1)  # (B,) s(q_a, k_a)
-        real = q @ queue.T  # (B, Q): step 1's candidates, all real negatives
-    negatives = real
-    if n_synthetic:
-        if mixing is None:
-            mixing = _draw(real, n_hard, n_synthetic, generator)
-        j1, j2, alpha = (t.to(q.device) for t in mixing)
-        for name, t in (("j1", j1), ("j2", j2), ("alpha", alpha)):
-            if t.shape != (q.shape[0], n_synthetic):
-                raise ValueError(f"mixing {name} must have shape (B, n_synthetic) = ({q.shape[0]}, {n_synthetic}), "
-                                 f"got {tuple(t.shape)}")
-        s1 = real.gather(1, j1)  # (B, K)
-        if mode == "copy":
-            synthetic = s1
-        else:
-            with torch.no_grad():  # (B, K) <queue[j1], queue[j2]>; the queue is detached, so (B, K, D) is cheap
-                s12 = torch.linalg.vecdot(queue[j1], queue[j2])
-            synthetic = _mixed(s1, real.gather(1, j2), s12, alpha)
-        negatives = torch.cat([real, synthetic], dim=1)  # (B, Q + K)
+    negatives = _queue_negatives(q, queue, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing,
+                                 generator=generator)  # (B, Q + K)
     per_query, on_floor = _debiased_hard_loss(positive / temperature, negatives, queue.shape[0] + n_synthetic,
                                               temperature=temperature, beta=beta, tau_plus=tau_plus)
     loss = per_query.mean() if reduction == "mean" else per_query
     if not return_diagnostics:
         return loss
-    return loss, _diagnostics(on_floor, real, negatives[:, queue.shape[0]:] if n_synthetic else None)
+    n_real = queue.shape[0]
+    return loss, _diagnostics(on_floor, negatives[:, :n_real], negatives[:, n_real:] if n_synthetic else None)
+
+
+@torch.no_grad()
+def queue_negative_similarities(q: torch.Tensor, queue: torch.Tensor, *, n_hard: int, n_synthetic: int,
+                                mode: Mode = "mix", generator: torch.Generator | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-negative cosine similarities on the queue, for a histogram; arguments as in :func:`moco_loss`.
+
+    Returns:
+        (B * Q,) similarities to the queue's keys, (B * K,) to synthetic ones drawn as in the loss.
+    """
+    problems = _hyper_problems(n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, pool=queue.shape[0], pool_name="Q")
+    if problems:
+        raise ValueError("; ".join(problems))
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    negatives = _queue_negatives(q.to(dtype), queue.to(dtype), n_hard=n_hard, n_synthetic=n_synthetic, mode=mode,
+                                 mixing=None, generator=generator)  # (B, Q + K)
+    return negatives[:, :queue.shape[0]].flatten(), negatives[:, queue.shape[0]:].flatten()

@@ -241,8 +241,9 @@ def _diagnostics(on_floor: torch.Tensor, real: torch.Tensor, synthetic: torch.Te
         return LossDiagnostics(on_floor.to(hardest.dtype).mean(), hardest, synthetic_mean)
 
 
-def _hyper_problems(*, temperature: float, beta: float, tau_plus: float, reduction: str, n_hard: int,
-                    n_synthetic: int, mode: str, mixing: object, pool: int, pool_name: str) -> list[str]:
+def _hyper_problems(*, pool: int, pool_name: str, temperature: float = 1.0, beta: float = 0.0, tau_plus: float = 0.0,
+                    reduction: str = "mean", n_hard: int = 0, n_synthetic: int = 0, mode: str = "mix",
+                    mixing: object = None) -> list[str]:
     """Problems with the hyperparameters shared by the two-view and the queue losses; ``pool``: the
     largest ``n_hard``, the number of real negatives (named ``pool_name``)."""
     return [message for ok, message in [
