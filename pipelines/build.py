@@ -30,7 +30,7 @@ def augment_kwargs(cfg: Config) -> dict[str, Any]:
 def model_from_config(cfg: Config) -> torch.nn.Module:
     m = cfg.model
     return build_model(m.encoder, stem=m.stem, width=m.width, hidden_dim=m.hidden_dim, out_dim=m.out_dim,
-                       head_batchnorm=m.head_batchnorm)
+                       head_batchnorm=m.head_batchnorm, bn_splits=m.bn_splits)
 
 
 def loss_from_config(cfg: Config, epoch: int = 0):

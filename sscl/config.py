@@ -101,6 +101,8 @@ class ModelConfig:
     queue_size: int = _f(4096, "moco: keys in the queue (the real negatives), >= 2 * data.batch_size", ge=1,
                          le=10_000_000)
     queue_warmup_epochs: int = _f(0, "moco: epochs trained without synthetic negatives while the queue fills", ge=0)
+    bn_splits: int = _f(1, "moco: BatchNorm statistics per this many parts of each worker's batch (MoCo's "
+                           "SplitBatchNorm: 8 on one GPU)", ge=1, le=1024)
 
 
 @dataclass(frozen=True)
@@ -336,8 +338,14 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         if cfg.scaling.sync_batchnorm:
             problems.append("scaling.sync_batchnorm=true: not with model.method=moco, whose shuffled BatchNorm needs "
                             "each worker's own statistics (synchronised, the keys would see their queries' batch)")
+        if per_worker >= 1 and cfg.model.bn_splits > per_worker:
+            problems.append(f"model.bn_splits={cfg.model.bn_splits}: must be <= the batch per worker = {per_worker} "
+                            "(data.batch_size / scaling.num_workers)")
     elif cfg.loss.name == "sscl" and cfg.loss.n_hard > 2 * cfg.data.batch_size - 2:
         problems.append(f"loss.n_hard={cfg.loss.n_hard}: must be <= 2 * data.batch_size - 2 = {2 * cfg.data.batch_size - 2}")
+    if cfg.model.method != "moco" and cfg.model.bn_splits > 1:
+        problems.append(f"model.bn_splits={cfg.model.bn_splits}: only with model.method=moco (two-view training "
+                        "needs no split BatchNorm)")
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
         problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
     name = cfg.train.run_name

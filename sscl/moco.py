@@ -77,22 +77,23 @@ class MomentumQueue:
     def keys(self, views: torch.Tensor, amp: bool = False) -> torch.Tensor:
         """This worker's keys (2N, D), float32 (or float64), of its views (2N, 3, H, W), in their order.
 
-        The momentum model runs in training mode (BatchNorm on batch statistics, as in MoCo). With several
-        workers it encodes a random share of the *global* batch (MoCo's shuffled BatchNorm): a key's
-        BatchNorm statistics then come from other images than its query's, so the two cannot share a
-        batch-level shortcut. The shuffle is drawn on rank 0 and broadcast. (In one process there is
-        nothing to shuffle with: the keys' statistics are those of the whole two-view batch, as the queries'.)
+        The momentum model runs in training mode (BatchNorm on batch statistics, as in MoCo) on the views
+        in a random order of the *global* batch (MoCo's shuffled BatchNorm): with several workers each
+        encodes a random share of it; with ``model.bn_splits`` (:class:`sscl.models.SplitBatchNorm`) the
+        parts of a share are random too. A key's BatchNorm statistics then come from other images than its
+        query's, so the two cannot share a batch-level shortcut. The order is drawn on rank 0 and broadcast.
         """
         world, rank = world_and_rank()
         self.model.train()
-        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=amp):
-            if world == 1:
-                return _full(self.model(views)[1])
-            everyone = _gather(views, world)  # (world * 2N, 3, H, W)
-            order = torch.randperm(len(everyone), device=views.device)
+        everyone = _gather(views, world) if world > 1 else views  # (world * 2N, 3, H, W)
+        order = torch.randperm(len(everyone), device=views.device)
+        if world > 1:
             torch.distributed.broadcast(order, src=0)
-            share = order.view(world, -1)[rank]  # the rows of the global batch this rank encodes
-            encoded = _gather(_full(self.model(everyone[share])[1]), world)  # in ``order``
+        share = order.view(world, -1)[rank]  # the rows of the global batch this rank encodes
+        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=amp):
+            encoded = _full(self.model(everyone[share])[1])
+        if world > 1:
+            encoded = _gather(encoded, world)  # every share, in ``order``
         keys = torch.empty_like(encoded)
         keys[order] = encoded  # back to the global batch's order
         return keys.view(world, -1, keys.shape[1])[rank]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["ENCODERS", "ContrastiveModel", "ProjectionHead", "ResNetEncoder", "build_encoder", "build_model"]
+__all__ = ["ENCODERS", "ContrastiveModel", "ProjectionHead", "ResNetEncoder", "SplitBatchNorm", "build_encoder",
+           "build_model"]
 
 Stem = Literal["cifar", "imagenet"]
 STEMS = ("cifar", "imagenet")
@@ -151,6 +152,56 @@ class ContrastiveModel(nn.Module):
         return features, F.normalize(self.head(features), dim=1)
 
 
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of each of ``splits`` consecutive parts of the batch,
+    as if every part were on a GPU of its own (MoCo's SplitBatchNorm, for MoCo on one GPU).
+
+    In evaluation mode it is the BatchNorm it replaces; the running statistics follow the mean of the
+    parts' statistics. State dict as the replaced layer's.
+
+    Args:
+        norm: the ``BatchNorm1d``/``BatchNorm2d`` layer to replace (its parameters and buffers are copied).
+        splits: parts of every training batch; the batch size must be at least ``splits``.
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, splits: int) -> None:
+        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+        self.load_state_dict(norm.state_dict())
+        self.splits = splits
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected (N, C) or (N, C, H, W) input, got {x.dim()} dimensions")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        if len(x) < self.splits:
+            raise ValueError(f"a batch of {len(x)} cannot be split into {self.splits} BatchNorm parts")
+        tracking = self.running_mean is not None
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        outputs, updated = [], []
+        for part in x.tensor_split(self.splits):  # (N / splits, C, ...) each
+            stats = (self.running_mean.clone(), self.running_var.clone()) if tracking else (None, None)
+            outputs.append(F.batch_norm(part, *stats, self.weight, self.bias, True, momentum, self.eps))
+            updated.append(stats)
+        if tracking:  # each part updated its own copy of the running statistics in place
+            with torch.no_grad():
+                self.running_mean.copy_(torch.stack([mean for mean, _ in updated]).mean(0))
+                self.running_var.copy_(torch.stack([var for _, var in updated]).mean(0))
+        return torch.cat(outputs)
+
+
+def _split_batchnorm(module: nn.Module, splits: int) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            setattr(module, name, SplitBatchNorm(child, splits))
+        else:
+            _split_batchnorm(child, splits)
+
+
 def build_model(
     encoder: str = "resnet18",
     *,
@@ -159,8 +210,17 @@ def build_model(
     hidden_dim: int = 512,
     out_dim: int = 128,
     head_batchnorm: bool = False,
+    bn_splits: int = 1,
 ) -> ContrastiveModel:
-    """Builds the encoder and its projection head (keywords equal the ``model`` config fields)."""
+    """Builds the encoder and its projection head (keywords equal the ``model`` config fields).
+
+    ``bn_splits`` > 1 replaces every BatchNorm by a :class:`SplitBatchNorm` of that many parts.
+    """
+    if bn_splits < 1:
+        raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
     backbone = build_encoder(encoder, stem=stem, width=width)
     head = ProjectionHead(backbone.feature_dim, hidden_dim=hidden_dim, out_dim=out_dim, batchnorm=head_batchnorm)
-    return ContrastiveModel(backbone, head)
+    model = ContrastiveModel(backbone, head)
+    if bn_splits > 1:
+        _split_batchnorm(model, bn_splits)
+    return model

@@ -119,6 +119,11 @@ def test_moco_checks_the_pool_against_the_queue_and_the_queue_against_the_batch(
         load_config(None, [*moco, "scaling.sync_batchnorm=true", "loss.n_hard=4"])
     with pytest.raises(ConfigError, match=r"model.method: .*'byol'.*simclr.*moco|model.method=.*byol"):
         load_config(None, ["model.method=byol"])
+    assert load_config(None, [*moco, "loss.n_hard=4", "model.bn_splits=8"]).model.bn_splits == 8
+    with pytest.raises(ConfigError, match=r"model.bn_splits=5: must be <= the batch per worker = 4"):
+        load_config(None, [*moco, "loss.n_hard=4", "scaling.num_workers=2", "model.bn_splits=5"])
+    with pytest.raises(ConfigError, match=r"model.bn_splits=2: only with model.method=moco"):
+        load_config(None, ["model.bn_splits=2"])
 
 
 def test_all_problems_are_reported_together(tmp_path):

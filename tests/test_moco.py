@@ -106,6 +106,27 @@ def test_keys_of_the_momentum_model_are_the_ones_enqueued():
     torch.testing.assert_close(moco.queue[:16], expected)
 
 
+def test_keys_are_encoded_in_a_random_order_so_split_batchnorm_parts_are_random():
+    torch.manual_seed(0)
+    model = build_model("resnet18", width=0.125, hidden_dim=16, out_dim=8, bn_splits=4)
+    moco = MomentumQueue(model, queue_size=64, momentum=0.99, total_steps=1, dim=8, seed=0)
+    views = torch.cat([batches(n_batches=1)[0]["view1"], batches(n_batches=1)[0]["view2"]])  # (16, 3, 16, 16)
+    torch.manual_seed(5)
+    keys = moco.keys(views)
+    torch.manual_seed(5)
+    order = torch.randperm(16)  # the order keys() draws
+    expected = torch.empty_like(keys)
+    with torch.no_grad():
+        expected[order] = copy.deepcopy(moco.model)(views[order])[1]  # the parts are four random quarters
+        in_order = copy.deepcopy(moco.model)(views)[1]  # queries' parts: four consecutive quarters
+    torch.testing.assert_close(keys, expected, rtol=0, atol=0)
+    assert (keys - in_order).abs().amax() > 1e-3  # other parts, other statistics
+    # Without split BatchNorm the order changes nothing but the summation order.
+    plain = MomentumQueue(small_model(), queue_size=64, momentum=0.99, total_steps=1, dim=8, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.keys(views), copy.deepcopy(plain.model)(views)[1])
+
+
 def test_a_moco_runs_histogram_is_its_queries_against_the_queue():
     from pipelines.build import augment_kwargs, model_from_config, momentum_queue
     from pipelines.worker import HISTOGRAM_VALUES, _similarities

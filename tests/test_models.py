@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from sscl.models import ENCODERS, build_encoder, build_model
+from sscl.models import ENCODERS, SplitBatchNorm, build_encoder, build_model
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -55,3 +55,52 @@ def test_unknown_names_and_bad_values_are_rejected():
     with pytest.raises(ValueError, match="out_dim"):
         build_model(out_dim=0)
     assert set(ENCODERS) == {"resnet18", "resnet34", "resnet50"}
+
+
+@pytest.mark.parametrize("shape", [(12, 5, 3, 3), (12, 5)])
+def test_split_batchnorm_is_batchnorm_on_each_part(shape):
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(5) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
+    torch.nn.init.uniform_(norm.weight), torch.nn.init.uniform_(norm.bias)
+    split = SplitBatchNorm(norm, splits=3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    split.double(), norm.double()
+    out = split(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, split.weight, split.bias))
+    parts, means, variances = [], [], []
+    for part in x.tensor_split(3):  # three plain BatchNorms, one per consecutive third of the batch
+        plain = torch.nn.BatchNorm2d(5) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
+        plain.double().load_state_dict(norm.state_dict())
+        plain.weight, plain.bias = norm.weight, norm.bias  # shared: the gradients add up over the parts
+        parts.append(plain(part))
+        means.append(plain.running_mean), variances.append(plain.running_var)
+    expected = torch.cat(parts)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, norm.weight, norm.bias))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(split.running_mean, torch.stack(means).mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split.running_var, torch.stack(variances).mean(0), rtol=1e-12, atol=1e-12)
+    assert int(split.num_batches_tracked) == 1
+    # Evaluation: the plain layer with the running statistics.
+    split.eval(), norm.eval()
+    norm.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), norm(x), rtol=0, atol=0)
+    split.train()
+    with pytest.raises(ValueError, match="a batch of 2 cannot be split into 3 BatchNorm parts"):
+        split(x[:2])
+
+
+def test_bn_splits_replaces_every_batchnorm_and_keeps_the_state_dict():
+    plain = build_model("resnet18", width=0.125, head_batchnorm=True)
+    split = build_model("resnet18", width=0.125, head_batchnorm=True, bn_splits=4)
+    n_norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    assert sum(isinstance(m, SplitBatchNorm) for m in split.modules()) == n_norms == 22
+    split.load_state_dict(plain.state_dict())  # same keys and shapes: checkpoints and registered encoders carry over
+    x = torch.randn(8, 3, 16, 16)
+    plain.eval(), split.eval()
+    torch.testing.assert_close(split(x)[1], plain(x)[1], rtol=0, atol=0)
+    split.train()
+    z = split.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))[1]
+    assert z.shape == (8, 128) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="bn_splits must be >= 1, got 0"):
+        build_model(bn_splits=0)
