@@ -146,7 +146,8 @@ def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
              "sscl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g} n_hard {loss.n_hard} K {loss.n_synthetic} "
                      f"({loss.mode})"}[loss.name]
     device = "GPU" if scaling.use_gpu else "CPU"
-    moco = f"moco (queue {model.queue_size}, momentum {model.momentum:g}), " if model.method == "moco" else ""
+    splits = f", BatchNorm in {model.bn_splits} parts" if model.bn_splits > 1 else ""
+    moco = f"moco (queue {model.queue_size}, momentum {model.momentum:g}{splits}), " if model.method == "moco" else ""
     logs = f"; logs: {os.path.relpath(console.log_file)}" if console.log_file else ""
     return (f"run {cfg.train.run_name!r}: {cfg.data.source} ({n_pretrain} images), {model.encoder} x{model.width:g}, "
             f"{moco}loss {loss.name} t {loss.temperature:g}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
