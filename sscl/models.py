@@ -170,8 +170,8 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.splits = splits
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() not in (2, 4):
-            raise ValueError(f"expected (N, C) or (N, C, H, W) input, got {x.dim()} dimensions")
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected (N, C), (N, C, L) or (N, C, H, W) input, got {x.dim()} dimensions")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not self.training or self.splits == 1:

@@ -114,7 +114,8 @@ def test_moco_worker_killed_mid_epoch_resumes_with_the_checkpointed_queue(tmp_pa
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, "train.epochs=3", "train.run_name=moco-kill",
                                                   "train.max_failures=2", "model.method=moco", "model.queue_size=512",
-                                                  "model.queue_warmup_epochs=1", "tracking.model_name=moco-digits"))
+                                                  "model.queue_warmup_epochs=1", "tracking.model_name=moco-digits",
+                                                  "model.bn_splits=2"))  # split BatchNorm under DDP, resumed, exported
     checkpointed: dict[int, str] = {}  # epoch -> digest of the queue in its checkpoint, read before the kill
 
     def kill_a_worker_during_epoch_2() -> None:
