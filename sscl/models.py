@@ -181,7 +181,9 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         tracking = self.running_mean is not None
         if tracking:
             self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+        momentum = self.momentum  # None: a cumulative average, as BatchNorm's
+        if momentum is None:
+            momentum = 1 / float(self.num_batches_tracked) if tracking else 0.0
         outputs, updated = [], []
         for part in x.tensor_split(self.splits):  # (N / splits, C, ...) each
             stats = (self.running_mean.clone(), self.running_var.clone()) if tracking else (None, None)

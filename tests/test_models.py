@@ -57,10 +57,11 @@ def test_unknown_names_and_bad_values_are_rejected():
     assert set(ENCODERS) == {"resnet18", "resnet34", "resnet50"}
 
 
-@pytest.mark.parametrize("shape", [(12, 5, 3, 3), (12, 5)])
-def test_split_batchnorm_is_batchnorm_on_each_part(shape):
+@pytest.mark.parametrize("shape,momentum", [((12, 5, 3, 3), 0.1), ((12, 5), 0.1), ((12, 5, 3, 3), None)])
+def test_split_batchnorm_is_batchnorm_on_each_part(shape, momentum):
     torch.manual_seed(0)
-    norm = torch.nn.BatchNorm2d(5) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
+    layer = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+    norm = layer(5, momentum=momentum)
     torch.nn.init.uniform_(norm.weight), torch.nn.init.uniform_(norm.bias)
     split = SplitBatchNorm(norm, splits=3)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -69,7 +70,7 @@ def test_split_batchnorm_is_batchnorm_on_each_part(shape):
     grads = torch.autograd.grad(out.square().sum(), (x, split.weight, split.bias))
     parts, means, variances = [], [], []
     for part in x.tensor_split(3):  # three plain BatchNorms, one per consecutive third of the batch
-        plain = torch.nn.BatchNorm2d(5) if len(shape) == 4 else torch.nn.BatchNorm1d(5)
+        plain = layer(5, momentum=momentum)
         plain.double().load_state_dict(norm.state_dict())
         plain.weight, plain.bias = norm.weight, norm.bias  # shared: the gradients add up over the parts
         parts.append(plain(part))
