@@ -778,7 +778,8 @@ def time_training(device: torch.device, plan: Plan) -> list[Row]:
 
     Returns:
         Per case: an images/s row and a peak-memory row; per model and option set, the step time
-        ratios of SSCL and of SSCL on a MoCo queue to SimCLR. Cases that did not run carry "error: ..." or "skipped: ..." instead.
+        ratios of SSCL and of SSCL on a MoCo queue to SimCLR. Cases that did not run carry "error: ..."
+        or "skipped: ..." instead.
     """
     start = time.monotonic()
     rows = []

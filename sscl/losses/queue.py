@@ -92,12 +92,12 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperat
         positive = (q * k).sum(dim=1)  # (B,) s(q_a, k_a)
     negatives = _queue_negatives(q, queue, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing,
                                  generator=generator)  # (B, Q + K)
-    per_query, on_floor = _debiased_hard_loss(positive / temperature, negatives, queue.shape[0] + n_synthetic,
+    n_real = queue.shape[0]
+    per_query, on_floor = _debiased_hard_loss(positive / temperature, negatives, n_real + n_synthetic,
                                               temperature=temperature, beta=beta, tau_plus=tau_plus)
     loss = per_query.mean() if reduction == "mean" else per_query
     if not return_diagnostics:
         return loss
-    n_real = queue.shape[0]
     return loss, _diagnostics(on_floor, negatives[:, :n_real], negatives[:, n_real:] if n_synthetic else None)
 
 
