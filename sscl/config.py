@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 __all__ = ["Config", "ConfigError", "apply_overrides", "describe_keys", "field_info", "flatten", "from_dict",
-           "load_config", "to_dict"]
+           "load_config", "parse_yaml", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,7 @@ class DataConfig:
     batch_size: int = _f(256, "global training batch (split over workers)", ge=2, le=2**20)
     eval_batch_size: int = _f(512, "batch for feature extraction", ge=1, le=2**20)
     prefetch_batches: int = _f(2, "batches each training worker's stream prepares ahead (into pinned memory on GPUs)",
-                               ge=0)
+                               ge=0, le=1024)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class AugmentConfig:
                     "trainer (inside the training loop, on the training device) | auto (trainer when scaling.use_gpu)",
                     choices=("auto", "ray_data", "trainer"))
     max_tasks: int = _f(0, "augment.where=ray_data: Ray Data tasks decoding and augmenting at once (0 = as many as "
-                        "free CPUs allow)", ge=0)
+                        "free CPUs allow)", ge=0, le=100_000)
     crop_size: int = _f(32, "output side of the random resized crop", ge=8, le=8192)
     crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
     flip_p: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
@@ -96,11 +96,12 @@ class ModelConfig:
     head_batchnorm: bool = _f(False, "BatchNorm in the projection head")
     method: str = _f("simclr", "simclr (two views, in-batch negatives) | moco (momentum encoder, queue of keys)",
                      choices=("simclr", "moco"))
-    momentum: float = _f(0.99, "moco: EMA momentum of the key encoder at the start, rising to 1 on a cosine", ge=0,
-                         le=1)
+    momentum: float = _f(0.99, "moco: EMA momentum of the key encoder at the start, rising to 1 on a cosine (< 1: "
+                         "at 1 the key encoder never learns)", ge=0, lt=1)
     queue_size: int = _f(4096, "moco: keys in the queue (the real negatives), >= 2 * data.batch_size", ge=1,
                          le=10_000_000)
-    queue_warmup_epochs: int = _f(0, "moco: epochs trained without synthetic negatives while the queue fills", ge=0)
+    queue_warmup_epochs: int = _f(0, "moco: epochs trained without synthetic negatives while the queue fills", ge=0,
+                                  le=100_000)
     bn_splits: int = _f(1, "moco: BatchNorm statistics per this many parts of each worker's batch (MoCo's "
                            "SplitBatchNorm: 8 on one GPU)", ge=1, le=1024)
 
@@ -111,8 +112,9 @@ class LossConfig:
     temperature: float = _f(0.5, "softmax temperature t", gt=0, le=10)
     beta: float = _f(1.0, "hardness concentration (hcl, sscl)", ge=0, le=50)
     tau_plus: float = _f(0.1, "class prior for debiasing (dcl, hcl, sscl)", ge=0, lt=1)
-    n_hard: int = _f(32, "hard pool per anchor (sscl), <= 2B - 2 (moco: <= model.queue_size)", ge=1)
-    n_synthetic: int = _f(8, "synthetic negatives per anchor K (sscl)", ge=0)
+    n_hard: int = _f(32, "hard pool per anchor (sscl), <= 2B - 2 (moco: <= model.queue_size)", ge=1, le=10_000_000)
+    n_synthetic: int = _f(8, "synthetic negatives per anchor K (sscl); each anchor's K similarities (and their "
+                          "parents' indices) are held at once", ge=0, le=16384)
     mode: str = _f("mix", "mix (the paper) | copy (the released code)", choices=("mix", "copy"))
 
 
@@ -122,28 +124,29 @@ class OptimConfig:
     lr: float = _f(0.1, "base learning rate", gt=0, le=100)
     momentum: float = _f(0.9, "momentum (AdamW: beta1)", ge=0, lt=1)
     weight_decay: float = _f(1e-4, "weight decay (not on biases and norms)", ge=0, le=1)
-    warmup_epochs: int = _f(10, "linear warm-up epochs before the cosine", ge=0)
-    final_lr: float = _f(0.0, "learning rate at the end of the cosine", ge=0)
+    warmup_epochs: int = _f(10, "linear warm-up epochs before the cosine (< train.epochs)", ge=0, le=100_000)
+    final_lr: float = _f(0.0, "learning rate at the end of the cosine (<= optim.lr)", ge=0, le=100)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _f(200, "training epochs", ge=1, le=100_000)
-    checkpoint_every: int = _f(1, "report a checkpoint every N epochs (and always at the end)", ge=1)
+    checkpoint_every: int = _f(1, "report a checkpoint every N epochs (and always at the end)", ge=1, le=100_000)
     run_name: str = _f("sscl", "Ray Train run name: rerunning with the same name resumes")
     storage_path: str = _f("", "checkpoint storage (shared on multi-node: NFS, s3://); '' = ~/ray_results")
-    seed: int = _f(0, "random seed", ge=0)
+    seed: int = _f(0, "random seed", ge=0, le=2**53)
     amp: bool = _f(True, "bf16 autocast on GPU")
     channels_last: bool = _f(False, "NHWC memory layout for the convolutions (on an H200: 2.4x the images/s of "
                                     "ResNet-18, 1.9x ResNet-50)")
     compile: bool = _f(False, "torch.compile the model (the first steps wait for compilation; on an H200 a "
                               "further 1.3-1.4x over channels_last)")
-    max_failures: int = _f(2, "worker failures restarted from the latest checkpoint", ge=0)
-    knn_every: int = _f(1, "run the kNN monitor every N epochs (and always after the last)", ge=1)
+    max_failures: int = _f(2, "worker failures restarted from the latest checkpoint (data errors are not retried)",
+                           ge=0, le=1000)
+    knn_every: int = _f(1, "run the kNN monitor every N epochs (and always after the last)", ge=1, le=100_000)
     knn_max_images: int = _f(0, "kNN bank and linear-probe training set: at most this many labelled images (0 = all)",
-                             ge=0)
-    knn_k: int = _f(200, "kNN neighbours", ge=1, le=100_000)
-    knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0)
+                             ge=0, le=2**40)
+    knn_k: int = _f(200, "kNN neighbours (< the images in the kNN bank)", ge=1, le=100_000)
+    knn_temperature: float = _f(0.1, "kNN vote temperature", gt=0, le=100)
     linear_epochs: int = _f(100, "linear probe: L-BFGS iterations (full-batch passes) at each evaluation", ge=1,
                             le=100_000)
 
@@ -152,7 +155,7 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = _f(1, "Ray Train workers", ge=1, le=100_000)
     use_gpu: bool = _f(False, "one GPU per worker, NCCL")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractions allowed)", gt=0)
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractions allowed)", gt=0, le=4096)
     sync_batchnorm: bool = _f(False, "convert BatchNorm to SyncBatchNorm across workers")
 
 
@@ -169,17 +172,19 @@ class TuneConfig:
     name: str = _f("sweep", "sweep name: rerunning with the same name continues that sweep")
     num_samples: int = _f(4, "trials drawn from the space (grid spaces: repeats of the whole grid)", ge=1,
                          le=100_000)
-    max_concurrent_trials: int = _f(0, "trials at once; 0 = as many as the cluster's CPUs/GPUs hold", ge=0)
+    max_concurrent_trials: int = _f(0, "trials at once; 0 = as many as the cluster's CPUs/GPUs hold", ge=0,
+                                    le=100_000)
     search: str = _f("auto", "random (random + grid) | optuna (needs the optuna extra) | auto (optuna if "
                      "installed and the space has no grid, else random)", choices=("auto", "random", "optuna"))
     metric: str = _f("knn_top1", "per-epoch metric the sweep optimises (knn_top1: max, loss: min)",
                      choices=("knn_top1", "loss"))
     scheduler: str = _f("asha", "asha (early stopping) | fifo (every trial runs all epochs)", choices=("asha", "fifo"))
-    grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped", ge=1)
-    reduction_factor: float = _f(2.0, "ASHA: keep the top 1/reduction_factor of trials at each rung", gt=1)
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped", ge=1, le=100_000)
+    reduction_factor: float = _f(2.0, "ASHA: keep the top 1/reduction_factor of trials at each rung", gt=1, le=1000)
     max_failures: int = _f(1, "retries of a failed trial (resumed from its checkpoint) before it is reported failed",
-                           ge=0)
-    driver_cpus: float = _f(0.25, "CPUs reserved for each trial's driver (its Train workers reserve their own)", gt=0)
+                           ge=0, le=1000)
+    driver_cpus: float = _f(0.25, "CPUs reserved for each trial's driver (its Train workers reserve their own)", gt=0,
+                            le=4096)
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,42 @@ class Config:
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people type numbers: ``1e-3``, ``5E-4`` and ``1.0e300`` are floats (YAML 1.2's rule;
+    PyYAML's YAML 1.1 reads them as strings), and a key given twice in one mapping is an error, not a
+    silent override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice (first {seen[key]}); "
+                    "give each key once", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = f"on line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
+
+
+# Copied per first character: PyYAML's add_implicit_resolver would append to SafeLoader's own lists.
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML with :class:`_Loader`'s rules (numbers as typed, no duplicate keys).
+
+    Raises:
+        yaml.YAMLError: for text that is not YAML, or a mapping with a key given twice.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _sections() -> dict[str, type]:
@@ -219,15 +260,24 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, problems: list[str])
 
 
 def _parse_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
+    """``key=value`` -> (key, value); the value is YAML, except for a text key, which takes it as typed
+    (``train.run_name=2024`` or ``=1:30`` is that text, not a number)."""
     if "=" not in text:
         problems.append(f"{text}: overrides are key=value (e.g. loss.temperature=0.2)")
         return None
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        hint = field_info(key)[0]
+    except KeyError:
+        hint = None  # reported when the tree is built
+    if hint is str:
+        return key, raw
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def _check_type(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
@@ -250,7 +300,8 @@ def _check_type(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
             return value
         if value is None:
             return ""
-        problems.append(f"{key}={value!r}: must be a string")
+        problems.append(f"{key}={value!r}: must be a string" + (f" (quote it: '{value}')" if isinstance(
+            value, (int, float)) else ""))
     elif origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, (list, tuple)):
@@ -346,8 +397,21 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.model.method != "moco" and cfg.model.bn_splits > 1:
         problems.append(f"model.bn_splits={cfg.model.bn_splits}: only with model.method=moco (two-view training "
                         "needs no split BatchNorm)")
-    if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.train.epochs > 1:
-        problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs}")
+    if cfg.optim.warmup_epochs > cfg.train.epochs or (cfg.optim.warmup_epochs == cfg.train.epochs > 1):
+        problems.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs}: must be < train.epochs={cfg.train.epochs} "
+                        "(the learning rate would never reach optim.lr)")
+    if cfg.optim.final_lr > cfg.optim.lr:
+        problems.append(f"optim.final_lr={cfg.optim.final_lr:g}: must be <= optim.lr={cfg.optim.lr:g} (the cosine "
+                        "decays from optim.lr to optim.final_lr)")
+    if cfg.model.method == "moco" and cfg.model.queue_warmup_epochs > cfg.train.epochs:
+        problems.append(f"model.queue_warmup_epochs={cfg.model.queue_warmup_epochs}: must be <= train.epochs="
+                        f"{cfg.train.epochs}")
+    decoded, size_key = decoded_size(cfg.data)
+    if cfg.augment.crop_size > decoded:
+        problems.append(f"augment.crop_size={cfg.augment.crop_size}: larger than the decoded images ({decoded} px, "
+                        f"{size_key}); crops would only be upsampled: lower it or raise data.image_size")
+    if cfg.data.source == "parquet" and not cfg.data.image_column.strip():
+        problems.append("data.image_column='': the parquet source needs the column of encoded images")
     name = cfg.train.run_name
     if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or len(name) > 200 or \
             any(ord(c) < 32 for c in name):
@@ -368,6 +432,16 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.root='': the {cfg.data.source} source needs a path")
 
 
+_FIXED_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
+
+
+def decoded_size(data: DataConfig) -> tuple[int, str]:
+    """The side of the images a source decodes, and what sets it (the source, or ``data.image_size``)."""
+    if data.source in _FIXED_SIZES:
+        return _FIXED_SIZES[data.source], f"{data.source}'s size"
+    return data.image_size, "data.image_size"
+
+
 def read_yaml_file(path: Path, what: str, hint: str = "") -> Any:
     """The YAML content of ``path``.
 
@@ -384,7 +458,7 @@ def read_yaml_file(path: Path, what: str, hint: str = "") -> Any:
     except UnicodeDecodeError:
         raise ConfigError([f"{what} {path} is not a text file (not UTF-8); give a YAML file"]) from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
 

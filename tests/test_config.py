@@ -179,3 +179,55 @@ def test_step_options_reach_the_model():
     assert compiled(model, cfg)._orig_mod is model  # torch.compile's wrapper around the same parameters
     plain = load_config(None, [])
     assert compiled(model, plain) is model and for_training(model, plain) is model
+
+
+@pytest.mark.parametrize("typed,value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("1.0e300", 1e300), ("-2.5e-2", -2.5e-2),
+                                         (".5e1", 5.0), ("1e3", 1000.0)])
+def test_numbers_parse_as_people_type_them(tmp_path, typed, value):
+    from sscl.config import parse_yaml
+
+    assert parse_yaml(typed) == value and isinstance(parse_yaml(typed), float)
+    assert load_config(None, [f"optim.weight_decay={typed}"] if 0 <= value <= 1 else []).optim  # an override
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"optim: {{lr: 1e-3, weight_decay: 5E-4}}\nloss: {{temperature: {typed if 0 < value <= 10 else 1}}}\n")
+    cfg = load_config(preset)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 5e-4)
+    with pytest.raises(ConfigError, match=r"loss.temperature=1e\+300: must be <= 10"):
+        load_config(None, ["loss.temperature=1.0e300"])
+
+
+def test_text_keys_take_overrides_as_typed():
+    cfg = load_config(None, ["train.run_name=2024", "tracking.experiment=yes", "train.storage_path=1:30"])
+    assert (cfg.train.run_name, cfg.tracking.experiment, cfg.train.storage_path) == ("2024", "yes", "1:30")
+
+
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path):
+    preset = tmp_path / "twice.yaml"
+    preset.write_text("loss:\n  temperature: 0.1\n  beta: 1.0\n  temperature: 0.2\n")
+    with pytest.raises(ConfigError, match="found the key 'temperature' twice .first on line 2"):
+        load_config(preset)
+    preset.write_text("loss: {temperature: 0.1}\nloss: {beta: 2.0}\n")
+    with pytest.raises(ConfigError, match="found the key 'loss' twice"):
+        load_config(preset)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["model.method=moco", "model.momentum=1.0"], "model.momentum=1.0: must be < 1"),
+    (["train.epochs=5", "optim.warmup_epochs=6"], "optim.warmup_epochs=6: must be < train.epochs=5"),
+    (["train.epochs=1", "optim.warmup_epochs=10"], "optim.warmup_epochs=10: must be < train.epochs=1"),
+    (["loss.n_synthetic=1000000000"], "loss.n_synthetic=1000000000: must be <= 16384"),
+    (["optim.lr=0.1", "optim.final_lr=0.5"], "optim.final_lr=0.5: must be <= optim.lr=0.1"),
+    (["data.image_size=32", "augment.crop_size=64"], "augment.crop_size=64: larger than the decoded images (32 px"),
+    (["data.source=cifar10", "augment.crop_size=96"], "cifar10's size"),
+    (["data.source=parquet", "data.root=x", "data.image_column="], "data.image_column=''"),
+    (["train.seed=100000000000000000000"], "train.seed"),
+    (["model.method=moco", "model.queue_warmup_epochs=300"], "model.queue_warmup_epochs=300: must be <= train.epochs"),
+])
+def test_values_that_can_only_be_mistakes_are_refused(overrides, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epochs=200", *overrides])
+    assert named in str(err.value)
+
+
+def test_a_whole_run_of_warm_up_is_allowed_for_one_epoch_only():
+    assert load_config(None, ["train.epochs=1", "optim.warmup_epochs=1"]).optim.warmup_epochs == 1

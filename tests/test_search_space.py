@@ -104,3 +104,14 @@ def test_searched_values_are_checked_with_the_spaces_fixed_values_applied():
     with pytest.raises(ConfigError, match=r"data.batch_size \(grid\): loss.n_hard=64: must be <= 2 \* data.batch_size "
                                           r"- 2 = 38"):
         parse_space({"data.batch_size": {"grid": [20, 64]}, "loss.n_hard": 64}, base)
+
+
+def test_a_space_file_takes_numbers_as_typed_and_refuses_a_key_given_twice(tmp_path):
+    base = load_config(PRESETS[0])
+    path = tmp_path / "space.yaml"
+    path.write_text("loss.temperature: {loguniform: [1e-3, 1.0]}\noptim.lr: {grid: [1e-4, 5E-4]}\n")
+    space = load_space(path, base)
+    assert {p.key: tuple(p.args) for p in space.params}["loss.temperature"] == (1e-3, 1.0)
+    path.write_text("loss.temperature: {loguniform: [0.05, 1.0]}\nloss.temperature: {grid: [0.1]}\n")
+    with pytest.raises(ConfigError, match="found the key 'loss.temperature' twice"):
+        load_space(path, base)
