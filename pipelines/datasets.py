@@ -11,6 +11,7 @@ from pipelines.build import augment_kwargs, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import TwoViewAugment
 from sscl.data.sources import BadImages, build_dataset
+from sscl.evaluate import check_bank
 
 EVAL_DATASETS = ("eval_train", "eval_test")
 
@@ -28,10 +29,11 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
     if pretrain.num_images < cfg.data.batch_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
                          "images")
+    bank = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images, bad_images=bad_images)
+    check_bank(cfg.train.knn_k, bank.num_images)
     datasets = {
         "train": train_stream(cfg, pretrain.dataset),
-        "eval_train": build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images,
-                                    bad_images=bad_images).dataset,
+        "eval_train": bank.dataset,
         "eval_test": build_dataset(cfg.data, "eval_test", bad_images=bad_images).dataset,
     }
     return datasets, pretrain.num_images

@@ -28,7 +28,7 @@ from pipelines.console import epoch_line
 from sscl.config import Config, to_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.data.sources import LocalSplit, local_split
-from sscl.evaluate import evaluate_encoder
+from sscl.evaluate import check_bank, evaluate_encoder
 from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 
@@ -70,6 +70,7 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
     test = local_split(data, "eval_test")
     if pretrain.num_images < data.batch_size:
         raise ValueError(f"data.batch_size={data.batch_size}: larger than the {pretrain.num_images} pretraining images")
+    check_bank(train.knn_k, bank.num_images)
 
     torch.manual_seed(train.seed)
     model = for_training(model_from_config(cfg), cfg).to(target)

@@ -166,23 +166,26 @@ def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.devic
     metrics = evaluate_encoder(module.encoder, keep_first(batches("eval_train")), batches("eval_test"), device=device,
                                k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
                                linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
-    return metrics, _similarities(module, first["image"], cfg, device, moco)
+    return metrics, _similarities(module, first.get("image"), cfg, device, moco)
 
 
 @torch.no_grad()
-def _similarities(module: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
-                  moco: MomentumQueue | None = None) -> dict:
+def _similarities(module: torch.nn.Module, images: torch.Tensor | None, cfg: Config, device: torch.device,
+                  moco: MomentumQueue | None = None) -> dict | None:
     """Real and synthetic negative similarities of the current model on two fresh views of a few
     evaluation images (every rank takes the same number, as the loss gathers across ranks). With
     ``moco``, each view's queries against the queue: the real negatives are the queue's keys, at most
-    ``HISTOGRAM_VALUES`` of them drawn at random (a queue of 65,536 keys gives 8M similarities)."""
-    n = torch.tensor([min(len(images), 64)], device=device)
+    ``HISTOGRAM_VALUES`` of them drawn at random (a queue of 65,536 keys gives 8M similarities).
+    None when some rank's shard of the kNN bank is empty (fewer images than ranks)."""
+    n = torch.tensor([min(len(images), 64) if images is not None else 0], device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         world = torch.distributed.get_world_size()
     else:
         world = 1
     n = int(n.item())
+    if n < 2:
+        return None
     view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:n].to(device))
     was_training = module.training
     module.eval()

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sscl.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize_images
+from sscl.data.sources import DataError
 
-__all__ = ["evaluate_encoder", "extract_features", "gather_rows", "knn_predict", "knn_top1", "linear_probe_top1"]
+__all__ = ["check_bank", "evaluate_encoder", "extract_features", "gather_rows", "knn_predict", "knn_top1", "linear_probe_top1"]
 
 
 @torch.no_grad()
@@ -57,6 +58,17 @@ def extract_features(
     if not feats:
         raise ValueError("no evaluation batches: the evaluation dataset is empty")
     return torch.cat(feats), torch.cat(labels)
+
+
+def check_bank(k: int, bank_images: int) -> None:
+    """kNN needs fewer neighbours than the bank holds images.
+
+    Raises:
+        DataError: naming ``train.knn_k`` and the bank's size.
+    """
+    if k > bank_images:
+        raise DataError(f"train.knn_k={k}: more neighbours than the {bank_images} images of the kNN bank (the "
+                        "labelled training images, at most train.knn_max_images); lower train.knn_k")
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -120,9 +132,18 @@ def evaluate_encoder(
     """
     device = torch.device(device)
     options = dict(device=device, image_size=image_size, mean=mean, std=std)
-    bank, bank_labels = extract_features(encoder, train_batches, **options)
+    # Any rank's shard of either set may be empty (fewer images than ranks, or uneven blocks).
+    bank, bank_labels = _features_or_empty(encoder, train_batches, options)
+    test, test_labels = _features_or_empty(encoder, test_batches, options)
+    dim = _over_ranks(max(bank.shape[1], test.shape[1]), device, "MAX")
+    bank, test = bank.reshape(len(bank), dim), test.reshape(len(test), dim)
     bank, bank_labels = gather_rows(bank), gather_rows(bank_labels)
-    test, test_labels = _features_or_empty(encoder, test_batches, bank.shape[1], options)
+    bank_classes = len(torch.unique(bank_labels))
+    if bank_classes < 2:
+        raise DataError(f"the kNN bank (the labelled training images) holds {len(bank_labels)} image(s) of "
+                        f"{bank_classes} class(es): evaluation needs at least two classes (with one, every prediction "
+                        "is right)")
+    check_bank(k, len(bank))
     local_top = max(int(bank_labels.max()), int(test_labels.max()) if len(test_labels) else 0)
     n_classes = _over_ranks(local_top + 1, device, "MAX")
     predicted = knn_predict(bank, bank_labels, test, k=k, temperature=temperature, n_classes=n_classes)
@@ -143,13 +164,14 @@ def evaluate_encoder(
     return result
 
 
-def _features_or_empty(encoder: nn.Module, batches: Iterable[Mapping[str, Any]], dim: int,
+def _features_or_empty(encoder: nn.Module, batches: Iterable[Mapping[str, Any]],
                        options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features``, or (0, 0) features when this rank's shard is empty."""
     try:
         return extract_features(encoder, batches, **options)
-    except ValueError:  # this rank's shard of a small test set is empty
+    except ValueError:
         device = options["device"]
-        return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sscl.config import load_config
-from sscl.data.sources import BadImages, CorruptDataError, build_dataset, read_cifar_file
+from sscl.data.sources import BadImages, CorruptDataError, DataError, build_dataset, list_folder, read_cifar_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -24,7 +24,8 @@ def rng_images(n, side, seed=0):
 
 
 def data_cfg(**overrides):
-    return load_config(None, [f"data.{k}={v}" for k, v in overrides.items()]).data
+    size = overrides.get("image_size", 32)  # the crop follows small decoded images
+    return load_config(None, [f"data.{k}={v}" for k, v in overrides.items()] + [f"augment.crop_size={size}"]).data
 
 
 def rows(split):
@@ -223,12 +224,13 @@ def test_imagefolder_bad_roots_are_named_before_anything_is_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "nowhere")), "pretrain")
     (tmp_path / "empty" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no images .* under .*empty"):
+    with pytest.raises(DataError, match=r"no images .* under .*empty"):
         build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "empty")), "pretrain")
     for i, img in enumerate(rng_images(2, 16)):
         (tmp_path / "flat").mkdir(exist_ok=True)
         (tmp_path / "flat" / f"{i}.jpg").write_bytes(png_bytes(img))
-    with pytest.raises(ValueError, match="no class sub-directories"):
+    with pytest.raises(DataError, match="0 class folder.s. holding images .none.: evaluation needs labelled images of "
+                                         "at least two classes"):
         build_dataset(data_cfg(source="imagefolder", root=str(tmp_path / "flat")), "eval_test")
 
 
@@ -340,3 +342,54 @@ def test_local_split_shuffles_by_seed_in_worker_processes_and_name_bad_files(tmp
     skipping = data_cfg(source="imagefolder", root=str(tmp_path / "folder"), skip_corrupt="true")
     assert sum(len(b["label"]) for b in local_split(skipping, "pretrain").batches(4)) == 13
     assert [len(b["label"]) for b in local_split(skipping, "pretrain").batches(4, drop_last=True)] == [4, 4, 4]
+
+
+# ---------------------------------------------------------------- one listing, one set of rules
+
+
+def test_one_listing_rules_underscores_in_hidden_out_links_followed_once(tmp_path):
+    import os
+
+    write_folder(tmp_path / "root", per_class=3, side=8, classes=("_private", "cat"))
+    (tmp_path / "root" / "cat" / ".hidden.png").write_bytes(b"not read")
+    (tmp_path / "root" / ".cache").mkdir()
+    (tmp_path / "root" / ".cache" / "x.png").write_bytes(b"not read")
+    (tmp_path / "root" / "cat" / "_3.PNG").write_bytes(png_bytes(rng_images(1, 8, seed=5)[0]))  # any case
+    (tmp_path / "root" / "cat" / "notes.txt").write_text("not an image")
+    os.symlink(tmp_path / "root", tmp_path / "root" / "cat" / "loop")  # a link back to a parent
+    write_folder(tmp_path / "elsewhere", per_class=2, side=8, classes=("more",))
+    os.symlink(tmp_path / "elsewhere" / "more", tmp_path / "root" / "linked")  # a link to another folder
+    listing = list_folder(str(tmp_path / "root"))
+    names = [p[len(listing.base) + 1:] for p in listing.paths]
+    assert names == ["_private/0.png", "_private/1.png", "_private/2.png", "cat/0.png", "cat/1.png", "cat/2.png",
+                     "cat/_3.PNG", "linked/0.png", "linked/1.png"]
+    assert listing.classes == ["_private", "cat", "linked"]
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path / "root"), image_size=8)
+    from sscl.data.sources import local_split
+
+    for split in ("pretrain", "eval_train"):  # both back-ends read the same images
+        assert build_dataset(cfg, split).num_images == local_split(cfg, split).num_images
+    assert build_dataset(cfg, "pretrain").num_images == 9
+    assert sorted(rows(build_dataset(cfg, "pretrain"))[1].tolist()) == [0] * 3 + [1] * 4 + [2] * 2
+
+
+def test_eval_root_classes_are_matched_by_name_and_unknown_ones_named(tmp_path):
+    write_folder(tmp_path / "train", per_class=4, side=8, classes=("ant", "bee", "cat"))
+    write_folder(tmp_path / "val", per_class=2, side=8, classes=("bee", "cat"))  # index 0 here is bee
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path / "train"), eval_root=str(tmp_path / "val"), image_size=8)
+    assert sorted(rows(build_dataset(cfg, "eval_test"))[1].tolist()) == [1, 1, 2, 2]  # train's indices
+    write_folder(tmp_path / "val", per_class=1, side=8, classes=("dog", "eel"))
+    with pytest.raises(DataError, match="has class folder.s. that data.root=.* lacks: dog, eel"):
+        build_dataset(cfg, "eval_test")
+
+
+def test_one_class_and_an_empty_held_out_side_are_errors_with_counts(tmp_path):
+    write_folder(tmp_path / "one", per_class=5, side=8, classes=("cat",))
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path / "one"), image_size=8)
+    assert build_dataset(cfg, "pretrain").num_images == 5  # pretraining needs no labels
+    with pytest.raises(DataError, match=r"1 class folder.s. holding images \(cat: 5\)"):
+        build_dataset(cfg, "eval_train")
+    write_folder(tmp_path / "two", per_class=1, side=8, classes=("cat", "dog"))
+    cfg = data_cfg(source="imagefolder", root=str(tmp_path / "two"), image_size=8, test_fraction=0.01)
+    with pytest.raises(DataError, match="held-out side of .* is empty: of its 2 images, 2 are labelled"):
+        build_dataset(cfg, "eval_test")

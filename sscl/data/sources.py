@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from sscl.config import DataConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "BadImages", "Split", "build_dataset", "decode_image",
-           "LocalSplit", "check_roots", "folder_classes", "held_out", "local_split",
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "DataError", "FolderListing", "BadImages", "Split", "build_dataset", "decode_image",
+           "LocalSplit", "check_roots", "folder_classes", "held_out", "list_folder", "local_split",
            "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
@@ -49,7 +49,12 @@ _STL_CHUNK = 1024  # images per STL-10 read task (about 28 MB)
 _DECODE_BATCH = 64
 
 
-class CorruptDataError(ValueError):
+class DataError(ValueError):
+    """The data cannot give a meaningful run (too few images or classes, an empty split). The same data
+    fails the same way every time: never retried."""
+
+
+class CorruptDataError(DataError):
     """A data file exists but cannot be read: truncated, corrupt or undecodable."""
 
 
@@ -225,9 +230,9 @@ class _Selection:
 class _FolderFiles:
     """The files of an image tree a split reads, decided per path before anything is read.
 
-    ``root/<class>/<file>`` is labelled by its class's index in the sorted class list; files
-    directly under ``root`` are unlabelled (pretraining only). Hidden files (``.x``, ``._x.jpg``
-    left by macOS) are never read.
+    ``root/<class>/<file>`` is labelled by its class's index in ``classes`` (the training root's, so
+    an evaluation tree's classes are matched by name); files directly under ``root`` are unlabelled
+    (pretraining only).
     """
 
     def __init__(self, base: str, classes: list[str], selection: _Selection) -> None:
@@ -241,8 +246,7 @@ class _FolderFiles:
         return self.index.get(parts[0], -1) if len(parts) >= 2 else -1
 
     def __call__(self, paths: list[str]) -> list[str]:
-        kept = [p for p in paths if not any(part.startswith(".") for part in self.relative(p).split("/"))
-                and self.selection.keeps(self.relative(p), self.label(p))]
+        kept = [p for p in paths if self.selection.keeps(self.relative(p), self.label(p))]
         limit = self.selection.max_images
         if limit and len(kept) > limit:
             # An exact, order-independent subset: the files with the smallest path hashes.
@@ -250,25 +254,123 @@ class _FolderFiles:
         return kept
 
 
-def _folder_files(root: str, selection: _Selection) -> tuple[Any, str, _FolderFiles]:
-    """The filesystem, base path and file selection of an image tree (one listing of its classes)."""
+@dataclass(frozen=True)
+class FolderListing:
+    """The images of a tree, listed once with the rules every back-end (Ray and local) shares.
+
+    Rules: a file counts when its extension is one of ``IMAGE_EXTENSIONS`` (any case) and no part of
+    its path below the root starts with ``.`` (hidden files, macOS ``._x.jpg``); names starting with
+    ``_`` count like any other. Symbolic links to files are read; links to folders are followed
+    unless they lead to a folder already listed (a link back to a parent would list the tree again
+    and again). Classes are the folders directly under the root that hold images.
+
+    Attributes:
+        fs, base: the pyarrow filesystem and the root's path in it.
+        paths: every image's path, sorted.
+        classes: the sorted class folder names.
+    """
+
+    fs: Any
+    base: str
+    paths: list[str]
+    classes: list[str]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for path in self.paths:
+            parts = path[len(self.base) + 1:].split("/")
+            if len(parts) >= 2:
+                counts[parts[0]] += 1
+        return counts
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_local(base: str) -> list[str]:
+    """Image paths under a local ``base``, following folder links once (no loops, no tree twice)."""
+    import os
+
+    found, seen, pending = [], set(), [base]
+    while pending:
+        folder = pending.pop()
+        try:
+            stat = os.stat(folder)
+            entries = list(os.scandir(folder))
+        except OSError:  # a broken link or a folder that cannot be read
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif entry.is_file() and _is_image(entry.name):
+                    found.append(entry.path)
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def list_folder(root: str) -> FolderListing:
+    """Lists the images of the tree at ``root`` (a local path or a URI) by :class:`FolderListing`'s rules.
+
+    Raises:
+        FileNotFoundError / ConnectionError: naming the root when it is missing or unreachable.
+    """
+    import pyarrow.fs as pafs
+
     fs, base = _filesystem(root)
-    classes = folder_classes(root)
-    if selection.labelled_only and not classes:
-        raise ValueError(f"{root} has no class sub-directories: evaluation needs labelled images "
-                         "(root/<class>/<image>), or set data.eval_root to a labelled tree")
-    return fs, base, _FolderFiles(base, classes, selection)
+    if isinstance(fs, pafs.LocalFileSystem):
+        paths = _walk_local(base)
+    else:
+        listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        paths = sorted(e.path for e in listed if e.type == pafs.FileType.File and _is_image(e.base_name)
+                       and not any(part.startswith(".") for part in e.path[len(base) + 1:].split("/")))
+    classes = sorted({p[len(base) + 1:].split("/")[0] for p in paths if "/" in p[len(base) + 1:]})
+    return FolderListing(fs, base, paths, classes)
 
 
-def _path_filter(files: _FolderFiles):
-    """``files`` as Ray's partition filter, which sees every listed path before any is read."""
-    from ray.data.datasource.partitioning import Partitioning, PathPartitionFilter, PathPartitionParser
+def _folder_files(root: str, selection: _Selection, classes_root: str) -> tuple[FolderListing, _FolderFiles]:
+    """The listing of ``root`` and the file selection of a split, labelled by ``classes_root``'s classes.
 
-    class _Filter(PathPartitionFilter):
-        def __call__(self, paths: list[str]) -> list[str]:
-            return files(paths)
+    Raises:
+        DataError: naming the keys, classes and counts when evaluation would be meaningless: fewer
+            than two classes, or evaluation classes that training does not have.
+    """
+    listing = list_folder(root)
+    classes = list_folder(classes_root).classes if classes_root != root else listing.classes
+    if selection.labelled_only:
+        counts = ", ".join(f"{c}: {n}" for c, n in listing.class_counts().items()) or "none"
+        if len(listing.classes) < 2:
+            raise DataError(f"{root} has {len(listing.classes)} class folder(s) holding images ({counts}): evaluation "
+                            "needs labelled images of at least two classes (root/<class>/<image>; with one class every "
+                            "kNN and linear prediction is right), or set data.eval_root to such a tree")
+        unknown = sorted(set(listing.classes) - set(classes))
+        if unknown:
+            raise DataError(f"data.eval_root={root!r} has class folder(s) that data.root={classes_root!r} lacks: "
+                            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (classes are matched by "
+                            f"name; data.root has {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
+    return listing, _FolderFiles(listing.base, classes, selection)
 
-    return _Filter(PathPartitionParser(Partitioning("hive")), lambda _: True)
+
+def _selected(listing: FolderListing, files: _FolderFiles, root: str, selection: _Selection) -> list[str]:
+    """The split's paths; an empty split is an error with the counts that explain it."""
+    paths = files(listing.paths)
+    if paths:
+        return paths
+    if not listing.paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root} (hidden files and folders, "
+                        "starting with '.', are not read)")
+    labelled = sum(files.label(p) >= 0 for p in listing.paths)
+    side = "held-out" if selection.held_out_side else "training"
+    raise DataError(f"the {side} side of {root} is empty: of its {len(listing.paths)} images, {labelled} are labelled "
+                    f"and none falls on that side of data.test_fraction={selection.test_fraction}; use more images, "
+                    "another data.test_fraction, or a labelled data.eval_root")
 
 
 def _decode_files(batch: dict[str, Any], *, decoder: _Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
@@ -277,12 +379,8 @@ def _decode_files(batch: dict[str, Any], *, decoder: _Decoder, files: _FolderFil
 
 
 def folder_classes(root: str) -> list[str]:
-    """The sorted class directories directly under ``root`` (one listing call, no recursion)."""
-    import pyarrow.fs as pafs
-
-    fs, base = _filesystem(root)
-    entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and not e.base_name.startswith("."))
+    """The sorted class folders directly under ``root`` that hold images (``list_folder``'s rules)."""
+    return list_folder(root).classes
 
 
 def _shuffle(seed: int | None):
@@ -291,17 +389,15 @@ def _shuffle(seed: int | None):
     return ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
 
 
-def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
+def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int | None, classes_root: str) -> Split:
     import ray.data
 
-    fs, base, files = _folder_files(root, selection)
-    try:
-        read = ray.data.read_binary_files(base, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS),
-                                          partition_filter=_path_filter(files), shuffle=_shuffle(seed))
-    except ValueError as err:  # Ray's "No files found" / "No input files found"
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}: {err}") from None
+    listing, files = _folder_files(root, selection, classes_root)
+    paths = _selected(listing, files, root, selection)
+    # The listing's own paths: Ray's directory listing has other rules (it drops top-level "_" names).
+    read = ray.data.read_binary_files(paths, filesystem=listing.fs, include_paths=True, shuffle=_shuffle(seed))
     decoded = read.map_batches(_decode_files, fn_kwargs={"decoder": decoder, "files": files}, batch_size=_DECODE_BATCH)
-    return Split(decoded, read.count())  # the count comes from the listing: nothing is read for it
+    return Split(decoded, len(paths))
 
 
 def _decode_rows(batch: dict[str, Any], *, decoder: _Decoder, image_column: str, label_column: str,
@@ -592,7 +688,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         root, selection = _files_of(cfg, split, max_images)
         seed = None if evaluation else seed
         if source == "imagefolder":
-            return _image_folder(root, selection, decoder, seed)
+            return _image_folder(root, selection, decoder, seed, classes_root=cfg.root)
         return _parquet(root, cfg, selection, decoder, seed)
     total = None
     if source in _CIFAR:
@@ -699,7 +795,7 @@ def _local_units(cfg: DataConfig, split: str, max_images: int) -> LocalSplit:
         root, selection = _files_of(cfg, split, bound)
         decoder = _Decoder(cfg.image_size, cfg.skip_corrupt)
         if cfg.source == "imagefolder":
-            return _local_folder(root, selection, decoder)
+            return _local_folder(root, selection, decoder, classes_root=cfg.root)
         return _local_parquet(root, cfg, selection, decoder)
     if cfg.source in _CIFAR:
         files, label_key = _cifar_files(cfg, train=split != "eval_test")
@@ -743,17 +839,12 @@ def _bounded_read(unit: Any, *, read: Callable[[Any], dict[str, np.ndarray]], fr
     return _keep_by_hash(read(unit), fraction=fraction)
 
 
-def _local_folder(root: str, selection: _Selection, decoder: _Decoder) -> LocalSplit:
-    import pyarrow.fs as pafs
-
-    fs, base, files = _folder_files(root, selection)
-    listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    paths = files(sorted(e.path for e in listed if e.type == pafs.FileType.File
-                         and e.base_name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS))
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+def _local_folder(root: str, selection: _Selection, decoder: _Decoder, classes_root: str) -> LocalSplit:
+    listing, files = _folder_files(root, selection, classes_root)
+    paths = _selected(listing, files, root, selection)
     units = [paths[i : i + _LOCAL_UNIT] for i in range(0, len(paths), _LOCAL_UNIT)]
-    return LocalSplit(units, functools.partial(_read_folder_unit, fs=fs, files=files, decoder=decoder), len(paths))
+    return LocalSplit(units, functools.partial(_read_folder_unit, fs=listing.fs, files=files, decoder=decoder),
+                      len(paths))
 
 
 def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder: _Decoder) -> dict[str, np.ndarray]:
