@@ -424,6 +424,17 @@ def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 5000
     return row
 
 
+def _sizes(text: str) -> list[int]:
+    """``--memory-sizes``: comma-separated positive integers."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 5000,50000") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 1")
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
     parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
     parser.add_argument("--images", type=int, default=4000, help="ingest: images in the throughput comparison")
-    parser.add_argument("--memory-sizes", default="5000,50000", help="ingest: folder sizes for the driver's peak RSS")
+    parser.add_argument("--memory-sizes", default="5000,50000", type=_sizes,
+                        help="ingest: folder sizes for the driver's peak RSS, comma-separated integers")
     parser.add_argument("--workdir", default="", help="ingest: where the JPEG folders go (default: a temp dir)")
     args, rest = parser.parse_known_args(argv)
     if args.what == "driver-memory":  # pipelines.pretrain's config arguments follow
@@ -459,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("; ".join(problems))
     torch.set_num_threads(args.threads)
     if args.what == "ingest":
-        bench_ingest(args.images, [int(s) for s in args.memory_sizes.split(",")], args.workdir)
+        bench_ingest(args.images, args.memory_sizes, args.workdir)
     elif args.what == "loss":
         bench_loss(args.device)
         bench_lightly(args.device)

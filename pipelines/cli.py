@@ -82,11 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sscl: unknown command {argv[0]!r}; {hint}commands: {', '.join(COMMANDS)} (sscl --help)",
               file=sys.stderr)
         raise SystemExit(2)
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from pipelines.errors import guarded
+
+    guarded(f"sscl {argv[0]}", lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

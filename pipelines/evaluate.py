@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from sscl.config import Config, ConfigError, to_dict
+from pipelines.errors import guarded
+from sscl.config import Config, to_dict
 from sscl.data.sources import build_dataset, check_roots
 from sscl.evaluate import evaluate_encoder
 
@@ -86,11 +87,7 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"python -m pipelines.evaluate: --model must look like models:/<name>@<alias> or models:/<name>/<version>, "
               f"got {args.model!r}", file=sys.stderr)
         raise SystemExit(2)
-    try:
-        return main(cfg, args.model)
-    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return guarded("python -m pipelines.evaluate", lambda: main(cfg, args.model))
 
 
 if __name__ == "__main__":

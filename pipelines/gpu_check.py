@@ -921,7 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the same code in under a minute on a CPU")
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check.json"), help="where the JSON rows go")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: not a device; use cuda or cpu")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device!r}: use cuda or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (use --device cpu --quick for a CPU run)")
     start = time.monotonic()

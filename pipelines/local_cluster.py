@@ -170,16 +170,27 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+def _port(text: str) -> int:
+    """A TCP port number, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a port is 1-65535")
+    return port
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.local_cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("--state", default=os.environ.get("SSCL_CLUSTER_DIR", str(STATE)),
                         help="folder for pids, logs, the MLflow store (default .cluster)")
-    parser.add_argument("--ray-port", type=int, default=_env_int("SSCL_RAY_PORT", 6379))
-    parser.add_argument("--dashboard-port", type=int, default=_env_int("SSCL_DASHBOARD_PORT", 8265),
+    parser.add_argument("--ray-port", type=_port, default=_env_int("SSCL_RAY_PORT", 6379))
+    parser.add_argument("--dashboard-port", type=_port, default=_env_int("SSCL_DASHBOARD_PORT", 8265),
                         help="also the Ray Jobs address")
-    parser.add_argument("--mlflow-port", type=int, default=_env_int("SSCL_MLFLOW_PORT", 5000))
+    parser.add_argument("--mlflow-port", type=_port, default=_env_int("SSCL_MLFLOW_PORT", 5000))
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head (default max(4, cores))")
     parser.add_argument("--host", default="127.0.0.1", help="address the servers bind to (default loopback only)")
     args = parser.parse_args(argv)

@@ -10,29 +10,38 @@ checkpoint (and continues the same MLflow run) instead of starting over. The wor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from pipelines import console
 from pipelines.build import model_from_config
 from pipelines.config_cli import config_yaml
+from pipelines.errors import Interrupted, guarded
 from pipelines.datasets import bad_images_actor, build_datasets, data_config
-from pipelines.ray_checks import check_resources, check_storage, init_ray, storage_path
+from pipelines.ray_checks import check_resources, check_storage, check_storage_path, init_ray, storage_path
 from pipelines.worker import STATE_FILE, train_loop_per_worker
 from sscl import tracking
-from sscl.config import Config, flatten, to_dict
-from sscl.data.sources import CorruptDataError, check_roots
+from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
+from sscl.data.sources import DataError, check_roots
 
 
 def prepare(cfg: Config) -> str:
-    """Checks the tracking server before any compute; returns the resolved tracking URI."""
+    """Checks names, the tracking store and the checkpoint storage before any compute; returns the
+    resolved tracking URI."""
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_names(experiment=cfg.tracking.experiment,
+                         model_name=cfg.tracking.model_name if cfg.tracking.register else None)
     tracking.check_tracking_server(uri)
+    check_storage_path(cfg.train.storage_path)
     return uri
 
 
@@ -68,12 +77,12 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         The ``ray.train.Result``; its checkpoint holds the model, optimizer and metric history.
 
     Raises:
-        CorruptDataError: naming an undecodable file met while streaming (``data.skip_corrupt=false``).
+        DataError: naming an undecodable file met while streaming (``data.skip_corrupt=false``), or what made
+            evaluation meaningless (one class); the run is stopped at once, not retried.
     """
     import ray
     import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     check_resources(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     check_storage(cfg.train.storage_path)
@@ -83,7 +92,7 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     if datasets is None:
         bad_images = bad_images_actor()
         datasets, n_pretrain = build_datasets(cfg, bad_images)
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
                            "n_pretrain": n_pretrain, "bad_images": bad_images, "progress": progress},
@@ -100,15 +109,81 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         datasets=datasets,
         dataset_config=data_config(),
     )
+    watcher = _StopOnDataError(trainer, bad_images)
     try:
-        with console.library_output() as shown:  # the run's own lines go to the console
+        with console.library_output() as shown, watcher:  # the run's own lines go to the console
             with console.Printer(progress, show=lambda line: print(line, file=shown, flush=True)):
                 return trainer.fit()
-    except Exception:  # re-raised unchanged unless a decoding task said it met an undecodable image
+    except Exception:  # re-raised unchanged unless the data said why (a file, a class count): not retried
         message = ray.get(bad_images.first_error.remote(), timeout=30)
         if message:
-            raise CorruptDataError(message) from None
+            raise DataError(message) from None
         raise
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """A TorchTrainer whose run can be stopped from the driver: on Ctrl-C or SIGTERM (raised here as
+        ``KeyboardInterrupt`` once the workers are stopped, where Ray's handler exits 0 or 1 without a
+        word), and on a data error (``stop``), which retrying from a checkpoint would only meet again."""
+
+        controller = None
+
+        def _register_sigint_handler(self, controller):  # Ray Train 2.60's hook, called in the main thread
+            self.controller = controller
+
+            def interrupt(signum, frame):
+                self.stop()
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, interrupt)
+
+        def stop(self) -> None:
+            import ray
+
+            if self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the controller exits while answering
+                    pass
+
+    return Trainer
+
+
+def _Trainer(*args: Any, **kwargs: Any):
+    return _trainer_class()(*args, **kwargs)
+
+
+class _StopOnDataError:
+    """While open, stops ``trainer`` as soon as a decoding task or worker reports a data error."""
+
+    def __init__(self, trainer: Any, bad_images: Any, every_s: float = 2.0) -> None:
+        self.trainer, self.bad_images, self.every_s = trainer, bad_images, every_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="sscl-data-errors")
+
+    def __enter__(self) -> "_StopOnDataError":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self.done.wait(self.every_s):
+            try:
+                failed = ray.get(self.bad_images.first_error.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the watch must never stop a run
+                continue
+            if failed:
+                self.trainer.stop()
+                return
 
 
 def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -120,11 +195,15 @@ def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, An
     return model, state
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    """Pretrains, evaluates on the workers and registers; returns final metrics and the registered version."""
+def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
+    """Pretrains, evaluates on the workers and registers; returns final metrics and the registered version.
+
+    ``command`` is the command line that started the run, shown as the way to resume it when interrupted.
+    """
     started = time.perf_counter()
     check_roots(cfg.data)  # a mistyped path fails here, before Ray or MLflow start
     uri = prepare(cfg)
+    changes = check_resume(cfg, uri)  # a rerun with other values fails here, before any compute
     init_ray()
     bad_images = bad_images_actor()
     datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, before a run is created
@@ -134,9 +213,71 @@ def main(cfg: Config) -> dict[str, Any]:
     finished = _finished_result(cfg, uri, run_id)
     if finished is not None:
         return finished
-    result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
-    model, state = load_trained(cfg, result.checkpoint)
-    return finish(cfg, model, state, run_id, uri, started)
+    if changes:
+        tracking.record_resume_changes(uri, run_id, changes, epoch=tracking.recorded_config(uri, run_id)[1])
+    with ended_as_failed_or_killed(uri, run_id, resume=command):
+        result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
+        model, state = load_trained(cfg, result.checkpoint)
+        return finish(cfg, model, state, run_id, uri, started)
+
+
+def check_resume(cfg: Config, uri: str) -> dict[str, tuple[str, str]]:
+    """A rerun under an existing ``train.run_name`` must train what that run trained: returns the
+    changes it may make (``RESUMABLE_KEYS``), which are recorded in the run once it resumes.
+
+    Raises:
+        ValueError: listing every key whose value differs from the run's, and the ways out.
+    """
+    found = tracking.named_run(uri, cfg.tracking.experiment, cfg.train.run_name)
+    if found is None:
+        return {}
+    recorded, epochs = tracking.recorded_config(uri, found[0])
+    allowed, refused = resume_changes(recorded, cfg, trained_epochs=epochs)
+    if refused:
+        listed = "\n".join(f"  {key}: {old} (recorded) -> {new}" for key, (old, new) in refused.items())
+        raise ValueError(
+            f"train.run_name={cfg.train.run_name!r} names a run (MLflow {found[0]}, {epochs} epoch(s) trained) that was "
+            f"started with other values; rerunning it resumes it, so these must stay as recorded:\n{listed}\n"
+            f"Give the recorded values to resume it, or a new train.run_name to start another run. A resume may change "
+            f"only {', '.join(RESUMABLE_KEYS)} (train.epochs only upwards)")
+    if allowed:
+        print(f"resuming run {cfg.train.run_name!r} with " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in
+                                                                           allowed.items()) + " (recorded in its params)")
+    return allowed
+
+
+@contextlib.contextmanager
+def ended_as_failed_or_killed(uri: str, run_id: str, *, resume: str) -> Iterator[None]:
+    """Inside, whatever ends the run early marks its MLflow run FAILED (an error) or KILLED (Ctrl-C,
+    SIGTERM; then ``Interrupted`` says how to resume). Outside Ray Train's own handler, SIGTERM is
+    raised as ``KeyboardInterrupt`` too."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    tracking.mark_running(uri, run_id)
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_quietly(uri, run_id, "KILLED")
+        raise Interrupted(f"run interrupted; MLflow run {run_id} marked KILLED; its checkpoints are kept",
+                          resume=resume) from None
+    except BaseException:
+        _end_quietly(uri, run_id, "FAILED")
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _end_quietly(uri: str, run_id: str, status: str) -> None:
+    try:
+        tracking.end_run(uri, run_id, status)
+    except Exception:  # noqa: BLE001 - the error that ended the run is what the user needs to see
+        pass
 
 
 def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
@@ -206,12 +347,10 @@ def _print_result(cfg: Config, out: dict[str, Any], labels: Sequence[str], uri: 
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pipelines.config_cli import parse_config
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv, prog="python -m pipelines.pretrain", description=__doc__)
-    try:
-        return main(cfg)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "pipelines.pretrain", *argv])
+    return guarded("python -m pipelines.pretrain", lambda: main(cfg, command=command))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(**console.ray_init_options())
     else:
         # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
@@ -29,11 +30,51 @@ def init_ray() -> None:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **console.ray_init_options())
 
 
+def check_ray_address(address: str, timeout_s: float = 10.0) -> None:
+    """Something must listen at ``RAY_ADDRESS`` (``host:port`` or ``ray://host:port``) within ``timeout_s``:
+    ``ray.init`` would otherwise retry for minutes. ``auto`` and ``local`` pass.
+
+    Raises:
+        ConnectionError: naming the address.
+    """
+    import socket
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    if address in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"RAY_ADDRESS={address!r}: no Ray cluster answers there ({err}); start one (ray start "
+                              "--head, make cluster-up) or unset RAY_ADDRESS to run on a local one") from None
+
+
 def storage_path(path: str) -> str | None:
     """Ray Train needs absolute local paths; URIs (s3://, gs://) pass through."""
     if not path or "://" in path:
         return path or None
     return str(Path(path).expanduser().resolve())
+
+
+def check_storage_path(path: str) -> None:
+    """A local ``train.storage_path`` must be a folder that exists or can be created (URIs pass).
+
+    Raises:
+        ValueError: naming the key, the path and why it cannot hold checkpoints.
+    """
+    if "://" in (path or ""):
+        return
+    folder = Path(storage_path(path) or Path("~/ray_results").expanduser())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".sscl-write-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"train.storage_path={path or '~/ray_results'!r}: cannot hold checkpoints at {folder} "
+                         f"({err.strerror or err}); give a writable folder or an s3:// / gs:// URI") from None
 
 
 def check_resources(cfg: Config, nodes: Sequence[dict[str, float]]) -> None:

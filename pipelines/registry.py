@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from sscl.config import ConfigError, load_config
+from sscl.config import load_config
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -112,19 +111,18 @@ def cli(argv: Sequence[str] | None = None) -> Any:
     p_embed.add_argument("--out", required=True)
     p_embed.add_argument("--config")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> Any:
         if args.command == "list":
-            out: Any = list_versions(args.name, args.tracking_uri)
-        elif args.command == "show":
-            out = show(args.model, args.tracking_uri)
-        elif args.command == "promote":
-            out = promote(args.name, args.version, args.alias, args.tracking_uri)
-        else:
-            out = {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri)),
-                   "out": args.out}
-    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+            return list_versions(args.name, args.tracking_uri)
+        if args.command == "show":
+            return show(args.model, args.tracking_uri)
+        if args.command == "promote":
+            return promote(args.name, args.version, args.alias, args.tracking_uri)
+        return {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri)),
+                "out": args.out}
+
+    out = guarded("python -m pipelines.registry", run)
     print(json.dumps(out, indent=2, default=str))
     return out
 

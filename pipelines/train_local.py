@@ -25,6 +25,7 @@ import torch
 from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config,
                              model_from_config, momentum_queue)
 from pipelines.console import epoch_line
+from pipelines.errors import guarded
 from sscl.config import Config, to_dict
 from sscl.data.augment import TwoViewAugment
 from sscl.data.sources import LocalSplit, local_split
@@ -153,11 +154,8 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.workers < 0:
         print(f"python -m pipelines.train_local: --workers must be >= 0, got {args.workers}", file=sys.stderr)
         raise SystemExit(2)
-    try:
-        return main(cfg, device=args.device, workers=args.workers, out_dir=args.out_dir)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return guarded("python -m pipelines.train_local",
+                   lambda: main(cfg, device=args.device, workers=args.workers, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

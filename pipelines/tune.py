@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipelines import pretrain
+from pipelines.errors import guarded
 from pipelines.datasets import build_datasets
 from pipelines.ray_checks import init_ray, storage_path
 from sscl import tracking
@@ -374,11 +375,7 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError) as err:
         print(f"python -m pipelines.tune: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    try:
-        return main(cfg, space, preset=args.config, overrides=args.overrides)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return guarded("python -m pipelines.tune", lambda: main(cfg, space, preset=args.config, overrides=args.overrides))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pipelines.console import epoch_line
 from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config, model_from_config,
                              momentum_queue, views_in_trainer)
 from sscl.config import Config, from_dict
+from sscl.data.sources import DataError
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
 from sscl.losses import negative_similarities, queue_negative_similarities
@@ -30,7 +31,19 @@ HISTOGRAM_VALUES = 2**16  # real-negative similarities kept for a moco run's his
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: resumes from the latest checkpoint, trains, evaluates on its shard of the
-    evaluation sets, reports every epoch."""
+    evaluation sets, reports every epoch. A data error is told to the driver, which stops the run
+    (retrying from a checkpoint would meet it again)."""
+    import ray
+
+    try:
+        _train(config)
+    except DataError as err:
+        if config.get("bad_images") is not None:
+            ray.get(config["bad_images"].fail.remote(str(err)), timeout=30)
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch

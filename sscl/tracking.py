@@ -55,23 +55,92 @@ def check_store_exists(uri: str) -> None:
 
 
 def check_tracking_server(uri: str, *, timeout_s: float = 10.0) -> None:
-    """Fails fast when an HTTP tracking server does not answer its ``/health`` endpoint.
+    """Fails fast when the tracking store cannot work: an HTTP server that does not answer (user info in
+    the URI is sent as basic authentication, as MLflow's client does) or is not MLflow; a ``sqlite:``
+    path that is a folder or cannot be created; a ``file:`` store, which MLflow 3.17 no longer serves.
 
     Raises:
         ConnectionError: naming the (redacted) URI, within about ``timeout_s`` seconds.
+        ValueError: naming the URI of a store that cannot work, and what to use instead.
     """
+    if uri.startswith("sqlite:///"):
+        _check_sqlite_path(uri)
+        return
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith(("databricks", "uc")):
+        raise ValueError(f"tracking.uri / MLFLOW_TRACKING_URI {redact_uri(uri)!r}: MLflow 3.17 serves no plain file "
+                         "store; use sqlite:///path/mlflow.db, or an MLflow server's http(s):// address")
     if not uri.startswith(("http://", "https://")):
         return
-    health = uri.rstrip("/") + "/health"
+    version = _http_get(uri, "/version", timeout_s)
+    if not re.fullmatch(r"\d+\.\d+[\w.+-]*", version.strip()):
+        raise ConnectionError(f"{redact_uri(uri)} answers HTTP but is not an MLflow tracking server (its /version "
+                              f"said {version.strip()[:60]!r}); check tracking.uri / MLFLOW_TRACKING_URI")
+
+
+def _http_get(uri: str, path: str, timeout_s: float) -> str:
+    """The text at ``uri + path``; user info in ``uri`` becomes a basic Authorization header."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    url = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")
+                                                 if parts.hostname else parts.netloc)).rstrip("/") + path
+    request = urllib.request.Request(url)
+    user = urllib.parse.unquote(parts.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(health, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
-            if response.status != 200:
-                raise ConnectionError(f"MLflow tracking server {redact_uri(uri)} answered {response.status} on /health")
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            return response.read(200).decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        hint = " (the credentials were refused)" if err.code in (401, 403) else ""
+        raise ConnectionError(f"MLflow tracking server {redact_uri(uri)} answered {err.code} on {path}{hint}; check "
+                              "MLFLOW_TRACKING_URI / tracking.uri") from None
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as err:
         raise ConnectionError(
             f"MLflow tracking server {redact_uri(uri)} is unreachable ({getattr(err, 'reason', err)}); start it or set "
             "MLFLOW_TRACKING_URI / tracking.uri"
         ) from None
+
+
+def _check_sqlite_path(uri: str) -> None:
+    """A ``sqlite:///`` store's file: not a folder; its folder is created when missing."""
+    path = Path(uri[len("sqlite:///"):])
+    if str(path) in ("", ":memory:"):
+        return
+    if path.is_dir():
+        raise ValueError(f"tracking.uri {uri!r}: {path} is a folder; give the database file, e.g. "
+                         f"sqlite:///{path / 'mlflow.db'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"tracking.uri {uri!r}: cannot create the folder {path.parent} ({err.strerror})") from None
+
+
+def check_names(experiment: str | None = None, model_name: str | None = None, alias: str | None = None) -> None:
+    """MLflow's own rules for the names a command will use, checked before any work.
+
+    Raises:
+        ValueError: naming the key (``tracking.experiment``, ``tracking.model_name``) or alias and the rule.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = [("tracking.experiment", experiment, [validation._validate_experiment_name]),
+              ("tracking.model_name", model_name, [validation._validate_model_name]),
+              ("alias", alias, [validation._validate_model_alias_name, validation._validate_model_alias_name_reserved])]
+    problems = []
+    for key, value, rules in checks:
+        if value is None:
+            continue
+        try:
+            for rule in rules:
+                rule(value)
+        except MlflowException as err:
+            problems.append(f"{key}={value!r}: {err.message}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def wait_for_tracking_server(uri: str, *, timeout_s: float = 300.0, every_s: float = 5.0) -> None:
@@ -265,6 +334,43 @@ def open_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, A
     return run.info.run_id
 
 
+RESUME_PREFIX = "resume_"  # params resume_<n>.<key>: a value changed by the n-th resume that changed any
+
+
+def recorded_config(uri: str, run_id: str) -> tuple[dict[str, str], int]:
+    """The values a run trains with now (its params, each overridden by its latest resume change) and
+    how many epochs it has logged.
+
+    Returns:
+        dotted key -> value as text; the epochs.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    data = mlflow.MlflowClient().get_run(run_id).data
+    values = {k: v for k, v in data.params.items() if not k.startswith(RESUME_PREFIX)}
+    changes = [(int(k[len(RESUME_PREFIX):].split(".", 1)[0]), k.split(".", 1)[1], v) for k, v in data.params.items()
+               if k.startswith(RESUME_PREFIX) and k[len(RESUME_PREFIX):].split(".", 1)[0].isdigit()]
+    for _, key, value in sorted(changes):
+        values[key] = value
+    return values, int(data.metrics.get("epoch", 0))
+
+
+def record_resume_changes(uri: str, run_id: str, changes: Mapping[str, tuple[str, str]], *, epoch: int) -> None:
+    """Logs each allowed change of a resume as the param ``resume_<n>.<key>`` (MLflow params cannot be
+    overwritten) and a tag saying at which epoch, so the run's params show every value that trained."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    params = client.get_run(run_id).data.params
+    n = 1 + len({k.split(".", 1)[0] for k in params if k.startswith(RESUME_PREFIX)})
+    for key, (_, new) in changes.items():
+        client.log_param(run_id, f"{RESUME_PREFIX}{n}.{key}", new)
+    text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+    client.set_tag(run_id, f"sscl.resume_{n}", f"after epoch {epoch}: {text}")
+
+
 def find_runs(client: Any, experiment_ids: Sequence[str], tags: Mapping[str, str], max_results: int = 1000) -> list:
     """Runs carrying every tag of ``tags``, newest first (values quoted for MLflow's filter syntax)."""
     clauses = [f"tags.`{key}` = {filter_literal(value)}" for key, value in tags.items()]
@@ -404,6 +510,14 @@ def log_to_run(uri: str, run_id: str, *, texts: Mapping[str, str] | None = None,
         client.set_tag(run_id, key, str(value))
 
 
+def mark_running(uri: str, run_id: str) -> None:
+    """Marks a run RUNNING again (a resumed run that had ended FAILED or KILLED)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Marks a run FINISHED, KILLED or FAILED."""
     import mlflow
@@ -464,6 +578,10 @@ def set_alias(uri: str, name: str, version: str, alias: str) -> dict[str, Any]:
     """
     from mlflow.exceptions import MlflowException
 
+    try:
+        check_names(alias=alias)
+    except ValueError as err:
+        raise ValueError(f"--alias: {err}") from None
     client = _registry(uri)
     try:
         client.get_model_version(name, version)
