@@ -51,18 +51,21 @@ def momentum_queue(cfg: Config, model: torch.nn.Module, total_steps: int) -> Mom
                          seed=cfg.train.seed)
 
 
-def eval_transform(cfg: Config) -> dict[str, Any]:
-    """``extract_features`` keywords: the training crop size and normalisation."""
-    return dict(image_size=cfg.augment.crop_size, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
+def eval_transform(cfg: Config, image_size: int | None = None) -> dict[str, Any]:
+    """``extract_features`` keywords: the training crop size (or ``image_size``, e.g. an exported
+    encoder's) and normalisation."""
+    return dict(image_size=image_size or cfg.augment.crop_size, mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
 
 
-def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
+def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: torch.device | str = "cpu", *,
+           image_size: int | None = None) -> torch.Tensor:
     """Frozen features (N, F) on the CPU of uint8 (N, H, W, 3) images held in memory (e.g. a user's
-    ``.npy`` batch), under the evaluation transform."""
+    ``.npy`` batch), under the evaluation transform (resized to ``image_size``, a registered encoder's
+    own, when given)."""
     step = cfg.data.eval_batch_size
     batches = ({"image": images[i : i + step], "label": np.zeros(len(images[i : i + step]), dtype=np.int64)}
                for i in range(0, len(images), step))
-    features, _ = extract_features(encoder, batches, device=device, **eval_transform(cfg))
+    features, _ = extract_features(encoder, batches, device=device, **eval_transform(cfg, image_size))
     return features.cpu()
 
 

@@ -38,7 +38,8 @@ def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True
     return tracking.load_registered(uri, model_uri)
 
 
-def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds) -> dict[str, float]:
+def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds,
+                     image_size: int | None = None) -> dict[str, float]:
     """Runs as a Ray task with a Train worker's resources: streams both evaluation sets through the
     encoder on that task's device."""
     from pipelines.build import eval_transform
@@ -50,7 +51,7 @@ def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str
     batches = lambda ds: ds.iter_torch_batches(batch_size=cfg.data.eval_batch_size)  # noqa: E731
     return evaluate_encoder(encoder, batches(train_ds), batches(test_ds), device=device, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature, linear_epochs=cfg.train.linear_epochs,
-                            seed=cfg.train.seed, **eval_transform(cfg))
+                            seed=cfg.train.seed, **eval_transform(cfg, image_size))
 
 
 def main(cfg: Config, model_uri: str) -> dict[str, Any]:
@@ -65,12 +66,13 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     tracking.check_store_exists(uri)  # read-only: never create a store
     check_roots(cfg.data)
     load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
+    image_size = tracking.registered_image_size(uri, model_uri)  # the size its export was traced for
     init_ray()
     train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
     test = build_dataset(cfg.data, "eval_test").dataset
     task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,
                                                  num_gpus=1 if cfg.scaling.use_gpu else 0)
-    metrics = ray.get(task.remote(to_dict(cfg), model_uri, uri, train, test))
+    metrics = ray.get(task.remote(to_dict(cfg), model_uri, uri, train, test, image_size))
     result = {"model": model_uri, "dataset": cfg.data.source, **metrics}
     print(json.dumps(result, indent=2))
     return result

@@ -59,15 +59,18 @@ def promote(name: str, version: str, alias: str = "champion", tracking_uri: str 
 
 def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
     """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
-    from pipelines.evaluate import load_encoder
+    from sscl import tracking
     from pipelines.build import encode
+    from pipelines.evaluate import load_encoder
 
     cfg = load_config(config)
     path = Path(images_path)
     if not path.is_file():
         raise FileNotFoundError(f"--images: file not found: {path}")
     images = _load_images(path)
-    features = encode(load_encoder(model_uri, tracking_uri or cfg.tracking.uri), images, cfg).numpy()
+    uri = _uri(tracking_uri or cfg.tracking.uri)
+    encoder = load_encoder(model_uri, uri, resolve=False)
+    features = encode(encoder, images, cfg, image_size=tracking.registered_image_size(uri, model_uri)).numpy()
     np.save(out_path, features)
     return features.shape
 

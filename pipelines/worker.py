@@ -37,9 +37,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     try:
         _train(config)
-    except DataError as err:
+    except DataError as err:  # raised here, or in a Ray Data task (Ray's wrapper is a DataError too)
         if config.get("bad_images") is not None:
-            ray.get(config["bad_images"].fail.remote(str(err)), timeout=30)
+            ray.get(config["bad_images"].fail.remote(str(getattr(err, "cause", None) or err)), timeout=30)
         raise
 
 

@@ -607,3 +607,14 @@ def load_registered(uri: str, model_uri: str) -> nn.Module:
         return mlflow.pytorch.load_model(model_uri)
     except MlflowException as err:
         raise ValueError(f"cannot load {model_uri} from {redact_uri(uri)}: {err.message}") from None
+
+
+def registered_image_size(uri: str, model_uri: str) -> int | None:
+    """The image side the encoder at ``model_uri`` was exported for (its signature's (-1, 3, H, W)
+    input), or None when its signature does not say. torch.export fixes it: other sizes fail its guards."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    signature = mlflow.models.get_model_info(model_uri).signature
+    shape = getattr(signature.inputs.inputs[0], "shape", None) if signature is not None and signature.inputs else None
+    return int(shape[-1]) if shape and len(shape) == 4 and shape[-1] > 0 else None

@@ -106,6 +106,8 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if data is None:
+            raise ValueError("the cell is empty (null)")
         if isinstance(data, (bytes, bytearray, memoryview)):
             with Image.open(io.BytesIO(bytes(data))) as img:
                 img = _eight_bit(img).convert("RGB")  # greyscale, palette, CMYK, alpha -> RGB
@@ -122,7 +124,7 @@ def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, TypeError) as err:
         raise CorruptDataError(f"cannot decode image {where}: {err}") from None
 
 
@@ -403,12 +405,30 @@ def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int
 def _decode_rows(batch: dict[str, Any], *, decoder: _Decoder, image_column: str, label_column: str,
                  selection: _Selection, keep_fraction: float) -> dict[str, np.ndarray]:
     values = list(batch[image_column])
-    labels = [-1 if v is None else int(v) for v in batch[label_column]] if label_column else [-1] * len(values)
-    keys = [v if isinstance(v, bytes) else np.asarray(v).tobytes() for v in values]
+    labels = [_label(v, label_column) for v in batch[label_column]] if label_column else [-1] * len(values)
+    keys = [v if isinstance(v, bytes) else b"" if v is None else np.asarray(v).tobytes() for v in values]
     chosen = [i for i, key in enumerate(keys) if selection.keeps(key, labels[i])
               and (keep_fraction >= 1 or held_out(key, keep_fraction, salt="bank"))]
     names = [f"{image_column} value with digest {hashlib.blake2b(keys[i], digest_size=6).hexdigest()}" for i in chosen]
     return decoder.decode([values[i] for i in chosen], [labels[i] for i in chosen], names)
+
+
+def _label(value: Any, column: str) -> int:
+    """A Parquet label cell: an integer class index, or null (unlabelled: -1).
+
+    Raises:
+        DataError: naming the column and the value when it is not an integer.
+    """
+    if value is None:
+        return -1
+    try:
+        number = float(value) if not isinstance(value, (int, np.integer)) else value
+        if number != int(number) or number < -1:
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"data.label_column={column!r} holds {value!r}: labels must be integer class indices "
+                        "(>= 0; null for unlabelled)") from None
 
 
 def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
@@ -460,8 +480,9 @@ def read_cifar_file(data: bytes, *, label_key: bytes, where: str) -> dict[str, n
         entry = pickle.loads(data, encoding="bytes")
         images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
-        raise CorruptDataError(f"{where} is truncated or not a CIFAR pickle ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - unpickling garbage can raise anything; each means the same
+        raise CorruptDataError(f"{where} is truncated or not a CIFAR pickle ({type(err).__name__}: "
+                               f"{str(err)[:200]})") from None
     if len(labels) != len(images):
         raise CorruptDataError(f"{where} has {len(images)} images but {len(labels)} labels")
     return {"image": np.ascontiguousarray(images.transpose(0, 2, 3, 1)), "label": labels}
@@ -505,7 +526,12 @@ def _download(source: str, root: Path) -> None:
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
            "stl10": torchvision.datasets.STL10}[source]
-    download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    try:
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    except (OSError, RuntimeError, ValueError) as err:  # urllib's URLError is an OSError
+        raise ConnectionError(f"data.download=true: cannot download {source} from {cls.url} into {root} "
+                              f"({getattr(err, 'reason', err)}); put the files there by hand, or download on a "
+                              "machine with internet") from None
 
 
 # ---------------------------------------------------------------------------- STL-10
