@@ -85,27 +85,37 @@ class ProgressLines:
         return self.lines[start:]
 
 
-class Printer:
-    """While open, prints every line posted to a ``ProgressLines`` actor, polled every ``every_s``."""
+class Every:
+    """While open, calls ``tick`` every ``every_s`` seconds in a daemon thread, and once more on leaving
+    (for what happened after the last call); a ``tick`` that returns True ends the calls."""
 
-    def __init__(self, board: Any, show: Callable[[str], None] = print, every_s: float = 1.0) -> None:
-        self.board, self.show, self.every_s = board, show, every_s
-        self.printed = 0
+    def __init__(self, tick: Callable[[], bool | None], every_s: float = 1.0, name: str = "sscl-every") -> None:
+        self.tick, self.every_s = tick, every_s
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="sscl-progress")
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
 
-    def __enter__(self) -> "Printer":
+    def __enter__(self) -> "Every":
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
-        self._print_new()  # what was posted after the last poll
+        self.tick()
 
     def _run(self) -> None:
         while not self.stop.wait(self.every_s):
-            self._print_new()
+            if self.tick():
+                return
+
+
+class Printer(Every):
+    """While open, prints every line posted to a ``ProgressLines`` actor, polled every ``every_s``."""
+
+    def __init__(self, board: Any, show: Callable[[str], None] = print, every_s: float = 1.0) -> None:
+        super().__init__(self._print_new, every_s, name="sscl-progress")
+        self.board, self.show = board, show
+        self.printed = 0
 
     def _print_new(self) -> None:
         import ray

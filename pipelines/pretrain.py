@@ -92,7 +92,7 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     if datasets is None:
         bad_images = bad_images_actor()
         datasets, n_pretrain = build_datasets(cfg, bad_images)
-    trainer = _Trainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
                            "n_pretrain": n_pretrain, "bad_images": bad_images, "progress": progress},
@@ -109,7 +109,7 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         datasets=datasets,
         dataset_config=data_config(),
     )
-    watcher = _StopOnDataError(trainer, bad_images)
+    watcher = _stop_on_data_error(trainer, bad_images)
     try:
         with console.library_output() as shown, watcher:  # the run's own lines go to the console
             with console.Printer(progress, show=lambda line: print(line, file=shown, flush=True)):
@@ -153,37 +153,20 @@ def _trainer_class():
     return Trainer
 
 
-def _Trainer(*args: Any, **kwargs: Any):
-    return _trainer_class()(*args, **kwargs)
-
-
-class _StopOnDataError:
+def _stop_on_data_error(trainer: Any, bad_images: Any) -> console.Every:
     """While open, stops ``trainer`` as soon as a decoding task or worker reports a data error."""
+    import ray
 
-    def __init__(self, trainer: Any, bad_images: Any, every_s: float = 2.0) -> None:
-        self.trainer, self.bad_images, self.every_s = trainer, bad_images, every_s
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="sscl-data-errors")
+    def check() -> bool:
+        try:
+            failed = ray.get(bad_images.first_error.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the watch must never stop a run
+            return False
+        if failed:
+            trainer.stop()
+        return bool(failed)
 
-    def __enter__(self) -> "_StopOnDataError":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join(timeout=10)
-
-    def _watch(self) -> None:
-        import ray
-
-        while not self.done.wait(self.every_s):
-            try:
-                failed = ray.get(self.bad_images.first_error.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - the watch must never stop a run
-                continue
-            if failed:
-                self.trainer.stop()
-                return
+    return console.Every(check, every_s=2.0, name="sscl-data-errors")
 
 
 def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -215,6 +198,7 @@ def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
         return finished
     if changes:
         tracking.record_resume_changes(uri, run_id, changes, epoch=tracking.recorded_config(uri, run_id)[1])
+    tracking.mark_running(uri, run_id)  # a resumed run that ended FAILED or KILLED
     with ended_as_failed_or_killed(uri, run_id, resume=command):
         result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
         model, state = load_trained(cfg, result.checkpoint)
@@ -254,7 +238,6 @@ def ended_as_failed_or_killed(uri: str, run_id: str, *, resume: str) -> Iterator
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    tracking.mark_running(uri, run_id)
     try:
         yield
     except KeyboardInterrupt:

@@ -97,8 +97,14 @@ def _sweep_run(cfg: Config, space: SearchSpace, uri: str) -> str:
                                tags={SWEEP_TAG: cfg.tune.name, FINGERPRINT_TAG: fingerprint})
     recorded = tracking.run_record(uri, run_id)[0].get(FINGERPRINT_TAG)
     if recorded != fingerprint:
-        raise ValueError(f"tune.name={cfg.tune.name!r} already names a sweep with a different config or search "
-                         f"space (MLflow run {run_id}); use a new tune.name to start another sweep")
+        params = tracking.recorded_config(uri, run_id)[0]
+        now = {k: tracking.redact_uri(str(v)) if k == "tracking.uri" else str(v) for k, v in flatten(cfg).items()}
+        changed = [f"  {k}: {params[k]} (recorded) -> {v}" for k, v in now.items()
+                   if k in params and params[k] != v and k not in RESUMABLE_KEYS]
+        what = "\n".join(changed) if changed else "  the search space (recorded as search_space.yaml in that run)"
+        raise ValueError(f"tune.name={cfg.tune.name!r} already names a sweep (MLflow run {run_id}) that searched with "
+                         f"other settings; rerunning it continues it, so these must stay as recorded:\n{what}\n"
+                         f"Give the recorded values to continue it, or a new tune.name to start another sweep")
     tracking.log_to_run(uri, run_id, texts={"search_space.yaml": yaml.safe_dump(space.to_dict(), sort_keys=False)})
     return run_id
 
@@ -162,22 +168,20 @@ def _param_space(space: SearchSpace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the sweep
 
 
-def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, overrides: Sequence[str] = (),
+         command: str = "") -> dict[str, Any]:
     """Runs (or continues) the sweep ``tune.name``; registers the best trial's encoder.
 
     Args:
         cfg: the sweep's starting config (a preset plus overrides) with its ``tune`` section.
         space: the validated search space.
         preset, overrides: how ``cfg`` was given, to print the best trial as a ready command.
+        command: the command line that started the sweep, shown as the way to continue it when interrupted.
 
     Returns:
         ``best`` (trial id, values, metric, registered version), ``trials`` (one row per trial),
         ``run_id`` (the sweep's MLflow run) and ``command`` (the best trial as a pretrain command).
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     started = time.perf_counter()
     if cfg.tune.metric == "knn_top1" and cfg.train.knn_every != 1:
         raise ValueError(f"train.knn_every={cfg.train.knn_every}: a sweep on knn_top1 compares trials every epoch; "
@@ -190,6 +194,17 @@ def main(cfg: Config, space: SearchSpace, *, preset: str | None = None, override
     init_ray()
     build_datasets(cfg)  # bad paths fail here, once, before any trial starts
     parent = _sweep_run(cfg, space, uri)
+    with pretrain.ended_as_failed_or_killed(uri, parent, resume=command):
+        return _sweep(cfg, space, uri, parent, started, preset=preset, overrides=overrides)
+
+
+def _sweep(cfg: Config, space: SearchSpace, uri: str, parent: str, started: float, *, preset: str | None,
+           overrides: Sequence[str]) -> dict[str, Any]:
+    """The sweep itself, once its parent run is open (see ``main``)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
     done = tracking.run_record(uri, parent)[0].get(BEST_VERSION_TAG)
     storage = storage_path(cfg.train.storage_path) or str(Path("~/ray_results").expanduser())
     experiment = f"{storage.rstrip('/')}/{cfg.tune.name}"
@@ -375,7 +390,10 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError) as err:
         print(f"python -m pipelines.tune: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return guarded("python -m pipelines.tune", lambda: main(cfg, space, preset=args.config, overrides=args.overrides))
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "pipelines.tune", *(sys.argv[1:] if argv is None
+                                                                                      else argv)])
+    return guarded("python -m pipelines.tune",
+                   lambda: main(cfg, space, preset=args.config, overrides=args.overrides, command=command))
 
 
 if __name__ == "__main__":

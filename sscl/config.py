@@ -496,9 +496,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
         tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    given: dict[str, str] = {}
     for text in overrides:
         parsed = _parse_override(text, problems)
-        if parsed:
+        if parsed and parsed[0] in given:
+            problems.append(f"{parsed[0]}: given twice ({given[parsed[0]]} and {text}); give each key once")
+        elif parsed:
+            given[parsed[0]] = text
             _set_dotted(tree, *parsed, problems)
     return _from_tree(tree, problems)
 

@@ -35,7 +35,42 @@ def folder(tmp_path_factory) -> Path:
     np.savez(here / "images.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     np.save(here / "gray.npy", np.zeros((2, 8, 8), dtype=np.uint8))
     (here / "empty_cifar").mkdir()
+    (here / "twice.yaml").write_text("loss:\n  temperature: 0.1\n  temperature: 0.2\n")
+    (here / "twice_space.yaml").write_text("loss.beta: {grid: [0.5, 1.0]}\nloss.beta: {grid: [2.0]}\n")
+    garbage = here / "garbage_cifar" / "cifar-10-batches-py"
+    garbage.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (garbage / name).write_bytes(bytes(range(256)) * 8)
+    _image_tree(here / "one_class", {"cat": 12})
+    _image_tree(here / "train_tree", {"cat": 8, "dog": 8})
+    _image_tree(here / "other_val", {"eel": 2, "fox": 2})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (here / "nulls").mkdir()
+    png = _png(np.zeros((8, 8, 3), dtype=np.uint8))
+    pq.write_table(pa.table({"image": [png, None] * 40, "label": [0, 1] * 40}), here / "nulls" / "part-0.parquet")
+    (here / "strings").mkdir()
+    pq.write_table(pa.table({"image": [png] * 80, "label": ["cat", "dog"] * 40}), here / "strings" / "part-0.parquet")
     return here
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _image_tree(root: Path, counts: dict[str, int]) -> None:
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
 
 
 P, T, E, R, L, B, S = ("pipelines.pretrain", "pipelines.tune", "pipelines.evaluate", "pipelines.registry",
@@ -75,6 +110,35 @@ CASES = [
     (P, f"--config {QUICK} train.run_name=a/b", "train.run_name='a/b'"),
     (P, f"--config {QUICK} tracking.model_name=it's\"q", "may hold ' or \" but not both"),
     (P, f"--config {QUICK} tracking.uri=http://127.0.0.1:9", "unreachable"),
+    (P, f"--config {QUICK} tracking.uri=http://user:secret@127.0.0.1:9", "http://***@127.0.0.1:9 is unreachable"),
+    (P, "--config {f}/twice.yaml", "found the key 'temperature' twice"),
+    (P, f"--config {QUICK} model.method=moco model.momentum=1.0", "model.momentum=1.0: must be < 1"),
+    (P, f"--config {QUICK} optim.warmup_epochs=20", "optim.warmup_epochs=20: must be < train.epochs=10"),
+    (P, f"--config {QUICK} loss.n_synthetic=1000000000", "loss.n_synthetic=1000000000: must be <= 16384"),
+    (P, f"--config {QUICK} augment.crop_size=64", "augment.crop_size=64: larger than the decoded images (32 px"),
+    (P, f"--config {QUICK} train.knn_k=5000", "train.knn_k=5000: more neighbours than the 1438 images"),
+    (P, f"--config {QUICK} tracking.experiment=", "tracking.experiment='': Invalid experiment name"),
+    (P, f"--config {QUICK} tracking.model_name=a/b", "tracking.model_name='a/b': Invalid model name"),
+    (P, f"--config {QUICK} tracking.uri=file:///tmp/mlruns", "MLflow 3.17 serves no plain file store"),
+    (P, f"--config {QUICK} tracking.uri=sqlite:///{{f}}/a_folder", "a_folder is a folder"),
+    (P, f"--config {QUICK} train.storage_path={{f}}/notes.txt/ray", "train.storage_path='{f}/notes.txt/ray': cannot hold"),
+    (P, f"--config {QUICK} data.source=imagefolder data.root={{f}}/one_class data.batch_size=8 loss.n_hard=8",
+     "1 class folder(s) holding images (cat: 12)"),
+    (P, f"--config {QUICK} data.source=imagefolder data.root={{f}}/train_tree data.eval_root={{f}}/other_val "
+        "data.batch_size=8 loss.n_hard=8", "lacks: eel, fox"),
+    (T, f"--config {QUICK} --space {{f}}/twice_space.yaml", "found the key 'loss.beta' twice"),
+    (L, f"--config {QUICK} data.source=parquet data.root={{f}}/nulls data.image_size=32 data.batch_size=16 "
+        "loss.n_hard=8", "the cell is empty (null)"),
+    (L, f"--config {QUICK} data.source=parquet data.root={{f}}/strings data.batch_size=16 loss.n_hard=8",
+     "data.label_column='label' holds 'cat'"),
+    (L, f"--config {QUICK} data.source=cifar10 data.root={{f}}/garbage_cifar", "is truncated or not a CIFAR pickle"),
+    (L, f"--config {QUICK} train.knn_k=5000", "train.knn_k=5000: more neighbours than the 1438 images"),
+    (R, "promote sscl-digits 1 --alias latest", "'latest' alias name (case insensitive) is reserved"),
+    (R, "promote sscl-digits 1 --alias v3", "Version alias name 'v3' is reserved"),
+    (R, "promote sscl-digits 1 --alias=", "alias name cannot be empty"),
+    (B, "ingest --memory-sizes 5k", "give comma-separated integers"),
+    ("pipelines.gpu_check", "--device tpu", "--device 'tpu'"),
+    ("pipelines.local_cluster", "up --ray-port 99999", "99999: a port is 1-65535"),
     (T, f"--config {QUICK} --space nope.yaml", "search space not found: nope.yaml"),
     (T, f"--config {QUICK} --space nope.yaml", "sscl_priors.yaml"),
     (T, f"--config {QUICK} --space {{f}}/a_folder", "is a folder"),
@@ -173,8 +237,16 @@ def test_sigterm_to_a_local_run_leaves_no_ray_process_behind(tmp_path):
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         assert subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout  # its cluster runs
-        driver.send_signal(signal.SIGTERM)  # Ray's own handler in the driver exits through its shutdown
-        assert driver.wait(timeout=120) not in (0, -signal.SIGTERM)
+        driver.send_signal(signal.SIGTERM)  # the workers are stopped, the run marked KILLED, the cluster shut down
+        assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
+        said = log.read_text()
+        assert "run interrupted; MLflow run" in said and "marked KILLED" in said and "resume it with:" in said
+        assert "Traceback" not in said, said[-3000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("sscl-quickstart").experiment_id])
+        assert run.info.status == "KILLED"
         deadline = time.monotonic() + 60
         while subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout:
             assert time.monotonic() < deadline, subprocess.run(["pgrep", "-af", str(ray_tmp)], capture_output=True,

@@ -76,6 +76,27 @@ def test_rerun_with_more_epochs_continues_the_same_run_and_registers_once_more(t
     # The same command once more: already finished, nothing retrained or registered again.
     assert trained.again["run_id"] == first.info.run_id and trained.again["version"] == "2"
     assert trained.again["final_knn_top1"] == pytest.approx(trained.second["final_knn_top1"])
+    # The run's params say what trained: the first value, and the resume's change with the epoch it came at.
+    run = client.get_run(first.info.run_id)
+    assert run.data.params["train.epochs"] == "2" and run.data.params["resume_1.train.epochs"] == "4"
+    assert run.data.tags["sscl.resume_1"] == "after epoch 2: train.epochs 2 -> 4" and run.info.status == "FINISHED"
+
+
+def test_rerun_with_other_values_is_refused_naming_each_key_before_ray_starts(trained, client, monkeypatch):
+    import ray
+
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for changed, named in ((["loss.temperature=0.5", "model.width=0.25"],
+                            ["loss.temperature: 0.2 (recorded) -> 0.5", "model.width: 0.125 (recorded) -> 0.25"]),
+                           (["train.epochs=3"], ["train.epochs: 4 (recorded) -> 3"])):
+        with pytest.raises(ValueError) as err:
+            main(quick_cfg(trained.tmp, "train.epochs=4", *changed))
+        assert all(line in str(err.value) for line in named), str(err.value)
+        assert "or a new train.run_name" in str(err.value)
+    assert client.get_run(trained.second["run_id"]).info.status == "FINISHED"  # nothing was opened or trained
+    assert ray.is_initialized()  # the module's cluster; the check itself needs none
 
 
 def test_every_epoch_is_logged_once_across_the_resume(trained, client):
@@ -134,6 +155,12 @@ def test_registry_lists_shows_promotes_and_embeds(trained, client, tmp_path):
     assert tuple(registry.embed("models:/sscl-digits@champion", str(tmp_path / "batch.npy"), str(tmp_path / "e.npy"),
                                 tracking_uri=uri)) == (3, 64)
     assert np.load(tmp_path / "e.npy").shape == (3, 64)
+    # Another size is resized to the one the encoder was exported for (torch.export's guards refuse others).
+    np.save(tmp_path / "large.npy", np.zeros((3, 48, 48, 3), dtype=np.uint8))
+    registry.embed("models:/sscl-digits@champion", str(tmp_path / "large.npy"), str(tmp_path / "l.npy"), tracking_uri=uri)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), np.load(tmp_path / "e.npy"), atol=1e-5)  # all zeros
+    with pytest.raises(ValueError, match="--alias: alias='latest': 'latest' alias name"):
+        registry.promote("sscl-digits", "1", "latest", uri)
 
 
 def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_server, monkeypatch):
@@ -160,3 +187,40 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
         main(quick_cfg(tmp_path, f"tracking.uri={uri}"))
     assert "127.0.0.1" in str(err.value) and "secret" not in str(err.value)
     assert not (tmp_path / "ray").exists()  # no training started
+
+
+def test_tracking_checks_send_credentials_and_know_an_mlflow_server(mlflow_server, tmp_path):
+    import http.server
+    import threading
+
+    from sscl import tracking
+
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    tracking.check_tracking_server(f"http://someone:p%40ss@127.0.0.1:{port}")  # user info: basic auth, not a failure
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            refused = "Authorization" not in self.headers and self.server.server_port == ports["auth"]
+            self.send_response(401 if refused else 200)
+            self.end_headers()
+            self.wfile.write(b"<html>a web page</html>")
+
+        def log_message(self, *args):
+            pass
+
+    servers = {name: http.server.HTTPServer(("127.0.0.1", 0), Answer) for name in ("web", "auth")}
+    ports = {name: server.server_port for name, server in servers.items()}
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConnectionError, match="answers HTTP but is not an MLflow tracking server"):
+            tracking.check_tracking_server(f"http://127.0.0.1:{ports['web']}")
+        with pytest.raises(ConnectionError, match=r"answered 401 on /version \(the credentials were refused\)"):
+            tracking.check_tracking_server(f"http://127.0.0.1:{ports['auth']}")
+    finally:
+        for server in servers.values():
+            server.shutdown()
+    with pytest.raises(ValueError, match="is a folder"):
+        tracking.check_tracking_server(f"sqlite:///{tmp_path}")
+    with pytest.raises(ValueError, match="no plain file store"):
+        tracking.check_tracking_server(f"file://{tmp_path}/mlruns")

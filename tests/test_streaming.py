@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.benchmark import write_jpeg_folder
 from sscl.config import load_config
+from sscl.data.sources import DataError
 from conftest import QUICKSTART, quick_overrides
 
 pytestmark = pytest.mark.integration
@@ -59,9 +60,34 @@ def test_corrupt_image_mid_stream_fails_the_run_naming_it(tmp_path, ray_cluster,
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = broken_folder(tmp_path)
-    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "train.max_failures=0", "train.run_name=corrupt"))
-    with pytest.raises(ValueError, match=r"broken\.jpg.*data\.skip_corrupt=true"):
+    # With retries allowed: a data error stops the run at once (every retry would meet the same file).
+    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "train.max_failures=2", "train.run_name=corrupt"))
+    with pytest.raises(DataError, match=r"broken\.jpg.*data\.skip_corrupt=true"):
         main(cfg)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("sscl-quickstart").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_small_folder_on_two_workers_with_fewer_evaluation_images_than_workers(tmp_path, ray_cluster, monkeypatch):
+    """Tens of images, class folders named with "_", a separate evaluation tree of one image."""
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = write_jpeg_folder(tmp_path / "train", 40, side=32, n_classes=2)
+    for name in ("class_0", "class_1"):
+        (root / name).rename(root / f"_{name}")
+    (tmp_path / "val" / "_class_0").mkdir(parents=True)
+    (tmp_path / "val" / "_class_0" / "only.jpg").write_bytes((root / "_class_0" / "0.jpg").read_bytes())
+    val = tmp_path / "val"
+    result = main(load_config(QUICKSTART, folder_overrides(
+        tmp_path, root, f"data.eval_root={val}", "data.batch_size=8", "loss.n_hard=8", "train.knn_k=5",
+        "train.epochs=2", "tracking.register=true", "train.run_name=small")))
+    assert result["epochs"] == 2 and result["version"] == "1"
+    assert result["final_knn_top1"] in (0.0, 1.0) and result["linear_top1"] in (0.0, 1.0)  # one image, scored once
 
 
 def test_skip_corrupt_skips_and_logs_the_count(tmp_path, ray_cluster, monkeypatch):

@@ -134,8 +134,11 @@ def test_a_different_space_under_the_same_sweep_name_is_refused(sweep, client):
     from pipelines import tune
 
     (sweep.tmp / "other.yaml").write_text("optim.lr: {grid: [0.1]}\n")
-    with pytest.raises(ValueError, match="tune.name='lr' already names a sweep"):
+    with pytest.raises(ValueError, match="tune.name='lr' already names a sweep .*\n  the search space"):
         tune.main(sweep.cfg, load_space(sweep.tmp / "other.yaml", sweep.cfg))
+    changed = apply_overrides(sweep.cfg, {"loss.temperature": 0.7})
+    with pytest.raises(ValueError, match=r"\n  loss.temperature: 0.2 \(recorded\) -> 0.7\n"):
+        tune.main(changed, load_space(sweep.tmp / "space.yaml", changed))
 
 
 def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):

@@ -348,7 +348,7 @@ def _folder_files(root: str, selection: _Selection, classes_root: str) -> tuple[
     classes = list_folder(classes_root).classes if classes_root != root else listing.classes
     if selection.labelled_only:
         counts = ", ".join(f"{c}: {n}" for c, n in listing.class_counts().items()) or "none"
-        if len(listing.classes) < 2:
+        if len(listing.classes) < 2 and root == classes_root:  # the kNN bank's tree (an eval_root may hold one)
             raise DataError(f"{root} has {len(listing.classes)} class folder(s) holding images ({counts}): evaluation "
                             "needs labelled images of at least two classes (root/<class>/<image>; with one class every "
                             "kNN and linear prediction is right), or set data.eval_root to such a tree")
@@ -369,6 +369,9 @@ def _selected(listing: FolderListing, files: _FolderFiles, root: str, selection:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root} (hidden files and folders, "
                         "starting with '.', are not read)")
     labelled = sum(files.label(p) >= 0 for p in listing.paths)
+    if selection.test_fraction is None:
+        raise DataError(f"no labelled images under {root}: of its {len(listing.paths)} images, none is in a class "
+                        "folder (root/<class>/<image>)")
     side = "held-out" if selection.held_out_side else "training"
     raise DataError(f"the {side} side of {root} is empty: of its {len(listing.paths)} images, {labelled} are labelled "
                     f"and none falls on that side of data.test_fraction={selection.test_fraction}; use more images, "
@@ -769,6 +772,8 @@ class LocalSplit:
                                              collate_fn=lambda part: part)
         pending, held = [], 0
         for part in loader:
+            if "error" in part:
+                raise (CorruptDataError if part["corrupt"] else DataError)(part["error"])
             pending.append(part)
             held += len(part["label"])
             if held >= (4 if rng is not None else 1) * batch_size:
@@ -796,8 +801,11 @@ class _Units:
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return self.read(self.units[i])
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self.read(self.units[i])
+        except DataError as err:  # carried as data: a DataLoader process would re-raise it with its traceback
+            return {"error": str(err), "corrupt": isinstance(err, CorruptDataError)}
 
 
 def _concat(parts: list[dict[str, np.ndarray]], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
