@@ -30,12 +30,9 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
                          "images")
     bank = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images, bad_images=bad_images)
+    test = build_dataset(cfg.data, "eval_test", bad_images=bad_images)
     check_bank(cfg.train.knn_k, bank.num_images)
-    datasets = {
-        "train": train_stream(cfg, pretrain.dataset),
-        "eval_train": bank.dataset,
-        "eval_test": build_dataset(cfg.data, "eval_test", bad_images=bad_images).dataset,
-    }
+    datasets = {"train": train_stream(cfg, pretrain.dataset), "eval_train": bank.dataset, "eval_test": test.dataset}
     return datasets, pretrain.num_images
 
 

@@ -27,7 +27,7 @@ from pipelines.build import model_from_config
 from pipelines.config_cli import config_yaml
 from pipelines.errors import Interrupted, guarded
 from pipelines.datasets import bad_images_actor, build_datasets, data_config
-from pipelines.ray_checks import check_resources, check_storage, check_storage_path, init_ray, storage_path
+from pipelines.ray_checks import alive_resources, check_resources, check_storage, check_storage_path, init_ray, storage_path
 from pipelines.worker import STATE_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
@@ -84,7 +84,7 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
     import ray.data
     import ray.train
 
-    check_resources(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    check_resources(cfg, alive_resources())
     check_storage(cfg.train.storage_path)
     # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose and sys.stderr.isatty()
@@ -188,8 +188,9 @@ def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
     uri = prepare(cfg)
     changes = check_resume(cfg, uri)  # a rerun with other values fails here, before any compute
     init_ray()
+    check_resources(cfg, alive_resources())  # scaling the cluster cannot hold fails here, before a run is created
     bad_images = bad_images_actor()
-    datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, before a run is created
+    datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, too
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}  # a sweep's keys are its own
     run_id = open_run(cfg, uri, run_name=cfg.train.run_name, params=params)
     print(settings_line(cfg, n_pretrain, uri))

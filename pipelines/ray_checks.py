@@ -77,6 +77,13 @@ def check_storage_path(path: str) -> None:
                          f"({err.strerror or err}); give a writable folder or an s3:// / gs:// URI") from None
 
 
+def alive_resources() -> list[dict[str, float]]:
+    """Each alive node's resources (``ray.nodes()``)."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
 def check_resources(cfg: Config, nodes: Sequence[dict[str, float]]) -> None:
     """Fails at once when ``scaling`` asks for more than the cluster's alive ``nodes`` hold.
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipelines.errors import guarded
 from sscl.config import load_config
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")

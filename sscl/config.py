@@ -403,9 +403,6 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.optim.final_lr > cfg.optim.lr:
         problems.append(f"optim.final_lr={cfg.optim.final_lr:g}: must be <= optim.lr={cfg.optim.lr:g} (the cosine "
                         "decays from optim.lr to optim.final_lr)")
-    if cfg.model.method == "moco" and cfg.model.queue_warmup_epochs > cfg.train.epochs:
-        problems.append(f"model.queue_warmup_epochs={cfg.model.queue_warmup_epochs}: must be <= train.epochs="
-                        f"{cfg.train.epochs}")
     decoded, size_key = decoded_size(cfg.data)
     if cfg.augment.crop_size > decoded:
         problems.append(f"augment.crop_size={cfg.augment.crop_size}: larger than the decoded images ({decoded} px, "
@@ -496,13 +493,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
         tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
-    given: dict[str, str] = {}
-    for text in overrides:
+    for text in overrides:  # in order: a later override of a key wins, as a wrapper script's own arguments should
         parsed = _parse_override(text, problems)
-        if parsed and parsed[0] in given:
-            problems.append(f"{parsed[0]}: given twice ({given[parsed[0]]} and {text}); give each key once")
-        elif parsed:
-            given[parsed[0]] = text
+        if parsed:
             _set_dotted(tree, *parsed, problems)
     return _from_tree(tree, problems)
 
@@ -608,7 +601,8 @@ def resume_changes(recorded: Mapping[str, str], cfg: Config, *, trained_epochs: 
     Args:
         recorded: the values the run was started (or last resumed) with, by dotted key; keys it lacks
             (added since) are not compared.
-        trained_epochs: epochs the run has trained; fewer ``train.epochs`` is refused.
+        trained_epochs: epochs the run has trained; fewer ``train.epochs`` is refused. With none trained
+            (a run that failed before its first epoch), every change is allowed.
 
     Returns:
         ``(allowed, refused)``: key -> (recorded, new) as text.
@@ -623,5 +617,6 @@ def resume_changes(recorded: Mapping[str, str], cfg: Config, *, trained_epochs: 
         if new == recorded[key]:
             continue
         shrinks = key == "train.epochs" and int(value) < max(trained_epochs, 1)
-        (allowed if key in RESUMABLE_KEYS and not shrinks else refused)[key] = (recorded[key], new)
+        free = trained_epochs == 0  # nothing trained with the recorded values yet: a change is a correction
+        (allowed if free or (key in RESUMABLE_KEYS and not shrinks) else refused)[key] = (recorded[key], new)
     return allowed, refused

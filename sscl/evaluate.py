@@ -169,6 +169,8 @@ def _features_or_empty(encoder: nn.Module, batches: Iterable[Mapping[str, Any]],
     """``extract_features``, or (0, 0) features when this rank's shard is empty."""
     try:
         return extract_features(encoder, batches, **options)
+    except DataError:  # a bad file met while reading the shard: not an empty shard
+        raise
     except ValueError:
         device = options["device"]
         return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)

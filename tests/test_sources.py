@@ -359,6 +359,7 @@ def test_one_listing_rules_underscores_in_hidden_out_links_followed_once(tmp_pat
     os.symlink(tmp_path / "root", tmp_path / "root" / "cat" / "loop")  # a link back to a parent
     write_folder(tmp_path / "elsewhere", per_class=2, side=8, classes=("more",))
     os.symlink(tmp_path / "elsewhere" / "more", tmp_path / "root" / "linked")  # a link to another folder
+    os.symlink(tmp_path / "root" / "cat", tmp_path / "root" / "alias")  # a second way into a listed folder
     listing = list_folder(str(tmp_path / "root"))
     names = [p[len(listing.base) + 1:] for p in listing.paths]
     assert names == ["_private/0.png", "_private/1.png", "_private/2.png", "cat/0.png", "cat/1.png", "cat/2.png",

@@ -33,9 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from sscl.config import DataConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "CorruptDataError", "DataError", "FolderListing", "BadImages", "Split", "build_dataset", "decode_image",
-           "LocalSplit", "check_roots", "folder_classes", "held_out", "list_folder", "local_split",
-           "read_cifar_file"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "BadImages", "CorruptDataError", "DataError", "FolderListing", "LocalSplit",
+           "Split", "build_dataset", "check_roots", "decode_image", "folder_classes", "held_out", "list_folder",
+           "local_split", "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
@@ -291,15 +291,16 @@ def _is_image(name: str) -> bool:
 
 
 def _walk_local(base: str) -> list[str]:
-    """Image paths under a local ``base``, following folder links once (no loops, no tree twice)."""
+    """Image paths under a local ``base``. Real folders are listed first, then folder links, each to a
+    folder not listed yet (no loops, no folder twice, the same result whatever the order on disk)."""
     import os
 
-    found, seen, pending = [], set(), [base]
-    while pending:
-        folder = pending.pop()
+    found, seen, real, links = [], set(), [base], []
+    while real or links:
+        folder = real.pop() if real else links.pop(0)
         try:
             stat = os.stat(folder)
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:  # a broken link or a folder that cannot be read
             continue
         if (stat.st_dev, stat.st_ino) in seen:
@@ -310,7 +311,7 @@ def _walk_local(base: str) -> list[str]:
                 continue
             try:
                 if entry.is_dir():
-                    pending.append(entry.path)
+                    (links if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file() and _is_image(entry.name):
                     found.append(entry.path)
             except OSError:
