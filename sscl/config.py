@@ -203,6 +203,10 @@ class Config:
 # ---------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping in a YAML text gives one key twice."""
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as people type numbers: ``1e-3``, ``5E-4`` and ``1.0e300`` are floats (YAML 1.2's rule;
     PyYAML's YAML 1.1 reads them as strings), and a key given twice in one mapping is an error, not a
@@ -213,9 +217,8 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice (first {seen[key]}); "
-                    "give each key once", key_node.start_mark)
+                raise DuplicateKeyError(None, None, f"found the key {key!r} twice (first {seen[key]}, again on line "
+                                        f"{key_node.start_mark.line + 1}); give each key once", key_node.start_mark)
             if isinstance(key, typing.Hashable):
                 seen[key] = f"on line {key_node.start_mark.line + 1}"
         return super().construct_mapping(node, deep=deep)
@@ -456,6 +459,8 @@ def read_yaml_file(path: Path, what: str, hint: str = "") -> Any:
         raise ConfigError([f"{what} {path} is not a text file (not UTF-8); give a YAML file"]) from None
     try:
         return parse_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError([f"{path}: {err.problem}"]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML ({err})"]) from None
 
