@@ -3,24 +3,20 @@ naming the key, path, URI or flag; a bug keeps its traceback and says where the 
 
 Known failure classes: configuration and values (``ValueError``, ``ConfigError``), data
 (``DataError``: missing, corrupt or too-small data), storage (``OSError``: paths that cannot be read
-or created), tracking and registry (``ConnectionError``, MLflow's own ``MlflowException``), the Ray
-connection, and export guards (``ExportGuardError``). A data error raised inside a Ray task or
-worker reaches the user as that error, with its file named, not as Ray's wrapper.
+or created), tracking and registry (``ConnectionError``, MLflow's own ``MlflowException``) and the Ray
+connection. A data error raised inside a Ray task or worker reaches the user as that error, with its
+file named, not as Ray's wrapper.
 """
 
 from __future__ import annotations
 
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-class ExportGuardError(ValueError):
-    """An input the exported (torch.export) encoder was not traced for, e.g. another image size."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -38,7 +34,7 @@ def user_error(err: BaseException) -> BaseException | None:
     err = unwrap(err)
     if isinstance(err, (ConfigError, ValueError, ConnectionError, OSError)):
         return err  # OSError: FileNotFoundError, PermissionError, NotADirectoryError, ...
-    if type(err).__name__ == "MlflowException" or type(err).__module__.startswith("mlflow"):
+    if type(err).__module__.startswith("mlflow"):  # MlflowException and its kin
         return err
     if type(err).__name__ in ("RaySystemError", "GetTimeoutError") and "ray" in type(err).__module__:
         return ConnectionError(f"Ray: {err}")
@@ -100,16 +96,3 @@ def guarded(prog: str, run: Callable[[], T]) -> T:
             raise SystemExit(1) from None
         print(f"{prog}: error: {message(shown)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
-
-
-def exit_on_user_error(prog: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator form of :func:`guarded` for a ``cli(argv)`` function."""
-
-    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
-        def cli(*args: Any, **kwargs: Any) -> T:
-            return guarded(prog, lambda: fn(*args, **kwargs))
-
-        cli.__doc__, cli.__name__ = fn.__doc__, fn.__name__
-        return cli
-
-    return wrap

@@ -55,6 +55,10 @@ def promote(name: str, version: str, alias: str = "champion", tracking_uri: str 
     """Points ``alias`` at ``version`` (e.g. to roll back the champion by hand)."""
     from sscl import tracking
 
+    try:
+        tracking.check_names(alias=alias)  # before the store: a wrong alias is wrong anywhere
+    except ValueError as err:
+        raise ValueError(f"--alias: {err}") from None
     return tracking.set_alias(_uri(tracking_uri), name, version, alias)
 
 

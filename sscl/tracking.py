@@ -574,14 +574,11 @@ def set_alias(uri: str, name: str, version: str, alias: str) -> dict[str, Any]:
     """Points ``alias`` at ``version`` of ``name``; returns the version's row.
 
     Raises:
-        ValueError: when the registry has no such version.
+        ValueError: when the alias breaks MLflow's rules or the registry has no such version.
     """
     from mlflow.exceptions import MlflowException
 
-    try:
-        check_names(alias=alias)
-    except ValueError as err:
-        raise ValueError(f"--alias: {err}") from None
+    check_names(alias=alias)
     client = _registry(uri)
     try:
         client.get_model_version(name, version)
