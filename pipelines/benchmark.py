@@ -5,6 +5,9 @@
     python -m pipelines.benchmark train      # SSCL training step vs SimCLR step, ResNet-18
     python -m pipelines.benchmark train --device cuda
     python -m pipelines.benchmark ingest     # Ray Data streaming vs torchvision ImageFolder; driver memory
+    python -m pipelines.benchmark ingest --images 16000 --memory-sizes none --json ingest.json
+    python -m pipelines.benchmark ingest --setting imagenet --images 2000 --memory-sizes none
+    python -m pipelines.benchmark ingest --root DIR   # your own image folder
 """
 
 from __future__ import annotations
@@ -311,26 +314,40 @@ def bench_train(
 # --------------------------------------------------------------------------- ingest
 
 
-def write_jpeg_folder(root: Path, n_images: int, *, side: int = 64, n_classes: int = 10, seed: int = 0) -> Path:
-    """``root/class_<k>/<i>.jpg``: smooth random images (JPEG-compressible like photos), ``n_images`` in all."""
+def write_jpeg_folder(root: Path, n_images: int, *, side: int | tuple[int, int] = 64, n_classes: int = 10,
+                      seed: int = 0) -> Path:
+    """``root/class_<k>/<i>.jpg``: smooth random images (JPEG-compressible like photos), ``n_images`` in
+    all, ``side`` pixels square or (width, height)."""
     from PIL import Image
 
+    width, height = (side, side) if isinstance(side, int) else side
     rng = np.random.default_rng(seed)
-    base = np.linspace(0, 1, side, dtype=np.float32)
+    across, down = np.linspace(0, 1, width, dtype=np.float32), np.linspace(0, 1, height, dtype=np.float32)
     for i in range(n_images):
         folder = root / f"class_{i % n_classes}"
         folder.mkdir(parents=True, exist_ok=True)
         a, b, c = rng.uniform(0, 255, 3), rng.uniform(-128, 128, 3), rng.uniform(-128, 128, 3)
-        img = a + b * base[:, None, None] + c * base[None, :, None] + rng.normal(0, 8, (side, side, 3))
+        img = a + b * down[:, None, None] + c * across[None, :, None] + rng.normal(0, 8, (height, width, 3))
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
     return root
 
 
-def _ingest_config(root: Path, *extra: str):
+# --setting: generated image (width, height), decoded side, crop, blur probability, where the views are made
+INGEST_SETTINGS = {
+    "64px": ((64, 64), 64, 32, 0.0, "ray_data"),
+    # ImageNet's typical photo, as the ImageNet preset takes it: the CPUs read, decode and resize to
+    # 256 px; the two 224-px views are made on the training device (not timed here).
+    "imagenet": ((500, 375), 256, 224, 0.5, "trainer"),
+}
+
+
+def _ingest_config(root: Path, *extra: str, image_size: int = 64, crop: int = 32, blur_p: float = 0.0,
+                   where: str = "ray_data"):
     from sscl.config import load_config
 
-    return load_config(None, ["data.source=imagefolder", f"data.root={root}", "data.image_size=64",
-                              "augment.crop_size=32", "data.batch_size=256", *extra])
+    return load_config(None, ["data.source=imagefolder", f"data.root={root}", f"data.image_size={image_size}",
+                              f"augment.where={where}", f"augment.crop_size={crop}", f"augment.blur_p={blur_p}",
+                              "data.batch_size=256", *extra])
 
 
 def _stream_epoch(cfg) -> tuple[float, float, int]:
@@ -344,25 +361,28 @@ def _stream_epoch(cfg) -> tuple[float, float, int]:
     first, images = None, 0
     for batch in dataset.iter_torch_batches(batch_size=cfg.data.batch_size):
         first = first or time.perf_counter() - start
-        images += len(batch["view1"])
+        images += len(next(iter(batch.values())))
     return first, images / (time.perf_counter() - start), images
 
 
-def _torchvision_epoch(root: Path, crop_size: int) -> tuple[float, float, int]:
+def _torchvision_epoch(root: Path, image_size: int, crop_size: int, blur_p: float, views: bool = True
+                       ) -> tuple[float, float, int]:
+    """The baseline's epoch: with ``views``, two per-image v2 views; without, decoded and resized only."""
     import torchvision
 
-    transform = _torchvision_two_view_transform(crop_size, 0.0)
+    transform = _torchvision_two_view_transform(crop_size, blur_p)
     from torchvision.transforms import v2
 
-    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((64, 64), antialias=True)])
-    dataset = torchvision.datasets.ImageFolder(str(root), transform=lambda img: (
-        transform(to_tensor(img.convert("RGB"))), transform(to_tensor(img.convert("RGB")))))
+    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=(lambda img: (
+        transform(to_tensor(img.convert("RGB"))), transform(to_tensor(img.convert("RGB"))))) if views else (
+        lambda img: to_tensor(img.convert("RGB"))))
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=2, shuffle=True)
     first, images = None, 0
-    for (view1, _), _ in loader:
+    for images_or_views, _ in loader:
         first = first or time.perf_counter() - start
-        images += len(view1)
+        images += len(images_or_views[0] if views else images_or_views)
     return first, images / (time.perf_counter() - start), images
 
 
@@ -391,41 +411,84 @@ def _driver_rss_subprocess(root: Path, work: Path) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 50000), workdir: str = "") -> dict[str, float]:
+def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 50000), workdir: str = "", *,
+                 root: str = "", setting: str = "64px", epochs: int = 3, json_path: str = "") -> dict[str, float]:
     """Streaming ingest (Ray Data: read + decode + two-view augment) vs torchvision ImageFolder +
-    DataLoader(num_workers=2) with per-image v2 transforms, on the same generated JPEG folder; then
-    the pipeline driver's peak RSS for a one-epoch run at each of ``memory_sizes`` images."""
+    DataLoader(num_workers=2) with per-image v2 transforms, on the same JPEG folder: the first epoch
+    and the steady state (the median of the later epochs), and Ray's start on its own line; then
+    the pipeline driver's peak RSS for a one-epoch run at each of ``memory_sizes`` images.
+
+    Args:
+        root: an existing image folder (``<class>/<image>``) instead of ``n_images`` generated JPEGs.
+        setting: ``INGEST_SETTINGS``'s generated image size, decoded side, crop and blur.
+        json_path: also write the figures there as JSON.
+    """
     import ray
 
-    from pipelines.ray_checks import init_ray
+    from pipelines.ray_checks import init_ray, wait_warm
+    from sscl.data.sources import list_folder
 
+    (width, height), image_size, crop, blur_p, where = INGEST_SETTINGS[setting]
+    views = where == "ray_data"
     work = Path(workdir or tempfile.mkdtemp(prefix="sscl-ingest-"))
-    root = write_jpeg_folder(work / f"jpegs-{n_images}", n_images)
-    init_ray()
-    cfg = _ingest_config(root)
-    t_stream = _stream_epoch(cfg)
-    t_torch = _torchvision_epoch(root, cfg.augment.crop_size)
+    if root:
+        folder = Path(root)
+        n_images = len(list_folder(root).paths)
+    else:
+        folder = work / f"jpegs-{setting}-{n_images}"
+        if not folder.exists():
+            write_jpeg_folder(folder, n_images, side=(width, height))
+    cfg = _ingest_config(folder, image_size=image_size, crop=crop, blur_p=blur_p, where=where)
+    start = time.perf_counter()
+    init_ray(dashboard=False)
+    ray_start = time.perf_counter() - start
+    wait_warm()
+    warm = time.perf_counter() - start - ray_start
+    stream = [_stream_epoch(cfg) for _ in range(epochs)]
     ray.shutdown()
-    row = {"stream_first_batch_s": t_stream[0], "stream_img_s": t_stream[1], "torchvision_first_batch_s": t_torch[0],
-           "torchvision_img_s": t_torch[1]}
-    print(f"ingest of {n_images} generated 64-px JPEGs -> two 32-px views, one epoch, {os.cpu_count()} cores")
-    print(f"{'pipeline':<44} {'first batch s':>13} {'img/s':>8}")
-    print(f"{'Ray Data: read + decode + TwoViewAugment':<44} {t_stream[0]:>13.2f} {t_stream[1]:>8.0f}")
-    print(f"{'torchvision ImageFolder + DataLoader(2) + v2':<44} {t_torch[0]:>13.2f} {t_torch[1]:>8.0f}")
-    print(f"{'ratio (Ray Data / torchvision)':<44} {t_stream[0] / t_torch[0]:>13.2f} {t_stream[1] / t_torch[1]:>8.2f}")
+    loader = [_torchvision_epoch(folder, image_size, crop, blur_p, views) for _ in range(epochs)]
+    steady = {name: (statistics.median(e[0] for e in runs[1:]), statistics.median(e[1] for e in runs[1:]))
+              for name, runs in (("stream", stream), ("loader", loader))}
+    row = {"images": n_images, "pipeline_epoch_images": stream[0][2], "dataloader_epoch_images": loader[0][2],
+           "setting": setting, "cores": os.cpu_count(),
+           "pipeline_img_s": stream[0][1], "pipeline_first_batch_s": stream[0][0],
+           "pipeline_steady_img_s": steady["stream"][1], "pipeline_steady_first_batch_s": steady["stream"][0],
+           "dataloader_img_s": loader[0][1], "dataloader_first_batch_s": loader[0][0],
+           "dataloader_steady_img_s": steady["loader"][1], "ray_start_s": ray_start, "workers_warm_s": warm}
+    row["first_epoch_ratio"] = row["pipeline_img_s"] / row["dataloader_img_s"]
+    row["steady_ratio"] = row["pipeline_steady_img_s"] / row["dataloader_steady_img_s"]
+    made = f"two {crop}-px views" if views else f"{image_size}-px images (views on the training device)"
+    print(f"ingest of {n_images} {'images in ' + root if root else f'generated {width}x{height} JPEGs'} -> {made}, "
+          f"{epochs} epochs, {os.cpu_count()} cores")
+    print(f"Ray start {ray_start:.2f} s (local cluster, no dashboard), then task workers warm after {warm:.2f} s more")
+    print(f"{'pipeline':<44} {'epoch':<8} {'first batch s':>13} {'img/s':>8} {'img/s/core':>10}")
+    names = (("Ray Data: read + decode + TwoViewAugment", "torchvision ImageFolder + DataLoader(2) + v2") if views
+             else ("Ray Data: read + decode + resize", "torchvision ImageFolder + DataLoader(2) + resize"))
+    for name, first, steady_row in ((names[0], stream[0], steady["stream"]), (names[1], loader[0], steady["loader"])):
+        for epoch, (t_first, img_s) in (("first", first[:2]), ("steady", steady_row)):
+            print(f"{name:<44} {epoch:<8} {t_first:>13.2f} {img_s:>8.0f} {img_s / (os.cpu_count() or 1):>10.0f}")
+    print(f"{'ratio (Ray Data / torchvision)':<44} {'first':<8} {'':>13} {row['first_epoch_ratio']:>8.2f}")
+    print(f"{'ratio (Ray Data / torchvision)':<44} {'steady':<8} {'':>13} {row['steady_ratio']:>8.2f}")
     peaks = []
     for size in memory_sizes:
-        folder = root if size == n_images else write_jpeg_folder(work / f"jpegs-{size}", size)
-        peaks.append(_driver_rss_subprocess(folder, work))
+        sized = folder if size == n_images else work / f"jpegs-{size}"
+        if not sized.exists():
+            write_jpeg_folder(sized, size)
+        peaks.append(_driver_rss_subprocess(sized, work))
         row[f"driver_peak_rss_mib_{size}"] = peaks[-1]
-    print(f"driver peak RSS, one pretraining epoch: " + ", ".join(
-        f"{size} images {peak:.0f} MiB" for size, peak in zip(memory_sizes, peaks)) +
-          f"; growth {peaks[-1] - peaks[0]:+.0f} MiB")
+    if peaks:
+        print("driver peak RSS, one pretraining epoch: " + ", ".join(
+            f"{size} images {peak:.0f} MiB" for size, peak in zip(memory_sizes, peaks)) +
+              f"; growth {peaks[-1] - peaks[0]:+.0f} MiB")
+    if json_path:
+        Path(json_path).write_text(json.dumps(row, indent=1) + "\n")
     return row
 
 
 def _sizes(text: str) -> list[int]:
-    """``--memory-sizes``: comma-separated positive integers."""
+    """``--memory-sizes``: comma-separated positive integers, or ``none``."""
+    if text == "none":
+        return []
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
@@ -445,8 +508,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
     parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
     parser.add_argument("--images", type=int, default=4000, help="ingest: images in the throughput comparison")
+    parser.add_argument("--root", default="", help="ingest: an existing image folder (<class>/<image>) to read "
+                                                   "instead of generated JPEGs")
+    parser.add_argument("--setting", default="64px", choices=sorted(INGEST_SETTINGS),
+                        help="ingest: 64px (64-px JPEGs -> two 32-px views) or imagenet (500x375 JPEGs decoded and "
+                             "resized to 256 px, the ImageNet preset's CPU share)")
+    parser.add_argument("--epochs", type=int, default=3, help="ingest: epochs of each loader (>= 2: the first, "
+                                                               "then the steady state)")
+    parser.add_argument("--json", default="", help="ingest: also write the figures to this JSON file")
     parser.add_argument("--memory-sizes", default="5000,50000", type=_sizes,
-                        help="ingest: folder sizes for the driver's peak RSS, comma-separated integers")
+                        help="ingest: folder sizes for the driver's peak RSS, comma-separated integers, or none")
     parser.add_argument("--workdir", default="", help="ingest: where the JPEG folders go (default: a temp dir)")
     args, rest = parser.parse_known_args(argv)
     if args.what == "driver-memory":  # pipelines.pretrain's config arguments follow
@@ -460,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.width is None or 0 < args.width <= 8, f"--width must be in (0, 8], got {args.width}"),
         (args.images >= 1, f"--images must be >= 1, got {args.images}"),
+        (args.epochs >= 2, f"--epochs must be >= 2 (the first epoch, then the steady state), got {args.epochs}"),
+        (not args.root or Path(args.root).is_dir(), f"--root {args.root}: no such folder"),
     ] if not ok]
     try:
         from pipelines.train_local import resolve_device
@@ -471,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("; ".join(problems))
     torch.set_num_threads(args.threads)
     if args.what == "ingest":
-        bench_ingest(args.images, args.memory_sizes, args.workdir)
+        bench_ingest(args.images, args.memory_sizes, args.workdir, root=args.root, setting=args.setting,
+                     epochs=args.epochs, json_path=args.json)
     elif args.what == "loss":
         bench_loss(args.device)
         bench_lightly(args.device)

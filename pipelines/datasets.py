@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from pipelines.build import augment_kwargs, views_in_trainer
 from sscl.config import Config
-from sscl.data.augment import TwoViewAugment
+from sscl.data.augment import two_views
 from sscl.data.sources import BadImages, build_dataset
 from sscl.evaluate import check_bank
 
@@ -54,11 +52,6 @@ def train_stream(cfg: Config, pretrain):
         pretrain = pretrain.map_batches(two_views, fn_kwargs={"augment": augment_kwargs(cfg)}, batch_size=256,
                                         batch_format="numpy", compute=tasks)
     return pretrain
-
-
-def two_views(batch: dict[str, np.ndarray], *, augment: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A Ray Data task's step: ``TwoViewAugment`` (cheap to build) on a batch of decoded images."""
-    return TwoViewAugment(**augment)(batch)
 
 
 def data_config():

@@ -67,7 +67,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     check_roots(cfg.data)
     load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
     image_size = tracking.registered_image_size(uri, model_uri)  # the size its export was traced for
-    init_ray()
+    init_ray(dashboard=False)
     train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
     test = build_dataset(cfg.data, "eval_test").dataset
     task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,

@@ -27,7 +27,8 @@ from pipelines.build import model_from_config
 from pipelines.config_cli import config_yaml
 from pipelines.errors import Interrupted, guarded
 from pipelines.datasets import bad_images_actor, build_datasets, data_config
-from pipelines.ray_checks import alive_resources, check_resources, check_storage, check_storage_path, init_ray, storage_path
+from pipelines.ray_checks import (alive_resources, check_resources, check_storage, check_storage_path, init_ray,
+                                  stop_local_ray, storage_path)
 from pipelines.worker import STATE_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
@@ -187,7 +188,7 @@ def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
     check_roots(cfg.data)  # a mistyped path fails here, before Ray or MLflow start
     uri = prepare(cfg)
     changes = check_resume(cfg, uri)  # a rerun with other values fails here, before any compute
-    init_ray()
+    init_ray(dashboard=False)  # one Train run: no dashboard needed (ray_checks.init_ray)
     check_resources(cfg, alive_resources())  # scaling the cluster cannot hold fails here, before a run is created
     bad_images = bad_images_actor()
     datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, too
@@ -334,7 +335,10 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv, prog="python -m pipelines.pretrain", description=__doc__)
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "pipelines.pretrain", *argv])
-    return guarded("python -m pipelines.pretrain", lambda: main(cfg, command=command))
+    try:
+        return guarded("python -m pipelines.pretrain", lambda: main(cfg, command=command))
+    finally:
+        stop_local_ray()
 
 
 if __name__ == "__main__":

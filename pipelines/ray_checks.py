@@ -12,8 +12,15 @@ from typing import Sequence
 from sscl.config import Config
 
 
-def init_ray() -> None:
-    """Joins the cluster in ``RAY_ADDRESS`` (a job or ``ray start``), else starts a local one."""
+def init_ray(*, dashboard: bool = True) -> None:
+    """Joins the cluster in ``RAY_ADDRESS`` (a job or ``ray start``), else starts a local one and
+    starts warming its task workers (``warm_task_workers``).
+
+    Args:
+        dashboard: start the dashboard with a local cluster. Only a single Train run may go without:
+            Ray Train's placement-group cleaner asks the dashboard whether a finished run's controller
+            is gone, so runs that follow one another on the same cluster (a sweep) need it.
+    """
     import ray
 
     from pipelines import console
@@ -23,11 +30,70 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(**console.ray_init_options())
-    else:
-        # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
-        # On small machines, more logical CPUs than cores keep the Train workers and the Ray Data
-        # actors from waiting on each other.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **console.ray_init_options())
+        return
+    # A new local cluster (not one `ray start` left running: set RAY_ADDRESS=auto to join that).
+    # On small machines, more logical CPUs than cores keep the Train workers and the Ray Data
+    # actors from waiting on each other.
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard,
+             **console.ray_init_options())
+    _started_here.append(True)
+    warm_task_workers(int(ray.cluster_resources().get("CPU", 1)))
+
+
+_started_here: list[bool] = []
+
+
+def stop_local_ray() -> None:
+    """Stops the local cluster ``init_ray`` started (never one it joined), with the output of its
+    last moments (the raylet's notices as workers exit) in the log file rather than the console."""
+    import ray
+
+    from pipelines import console
+
+    if _started_here and ray.is_initialized():
+        with console.library_output():
+            ray.shutdown()
+    _started_here.clear()
+
+
+_warming: list = []
+
+
+def warm_task_workers(n: int) -> None:
+    """Sends ``n`` tasks (one per logical CPU: Ray Data runs that many at once) that import what the
+    Ray Data tasks import (torch, PIL, the decoding and augmentation modules), without waiting: a
+    fresh worker spends 1.5-3 s on those imports, which the first epoch's first batch would otherwise
+    wait for (`benchmark ingest`: warming only as many as cores halved the first epoch's rate). One
+    also runs a tiny Ray Data pipeline, which starts the actors Ray Data creates on its first
+    execution. ``wait_warm`` waits."""
+    import ray
+
+    task = ray.remote(_warm_worker).options(num_cpus=1)
+    _warming[:] = [task.remote(first=i == 0) for i in range(n)]
+
+
+def wait_warm(timeout_s: float = 120.0) -> None:
+    """Waits for ``warm_task_workers``'s tasks (a benchmark's start line; runs need not wait)."""
+    import ray
+
+    if _warming:
+        ray.wait(_warming, num_returns=len(_warming), timeout=timeout_s)
+        _warming.clear()
+
+
+def _warm_worker(*, first: bool) -> None:
+    import PIL.Image  # noqa: F401
+    import PIL.JpegImagePlugin  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
+    import ray.data
+    import ray.data._internal.datasource.binary_datasource  # noqa: F401
+    import ray.data._internal.execution.operators.map_transformer  # noqa: F401
+
+    import sscl.data.augment  # noqa: F401
+    import sscl.data.sources  # noqa: F401
+
+    if first:
+        ray.data.range(2, override_num_blocks=1).materialize()
 
 
 def check_ray_address(address: str, timeout_s: float = 10.0) -> None:

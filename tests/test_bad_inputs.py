@@ -137,6 +137,8 @@ CASES = [
     (R, "promote sscl-digits 1 --alias v3", "Version alias name 'v3' is reserved"),
     (R, "promote sscl-digits 1 --alias=", "alias name cannot be empty"),
     (B, "ingest --memory-sizes 5k", "give comma-separated integers"),
+    (B, "ingest --epochs 1", "--epochs must be >= 2 (the first epoch, then the steady state)"),
+    (B, "ingest --root {f}/no_such_folder", "no_such_folder: no such folder"),
     ("pipelines.gpu_check", "--device tpu", "--device 'tpu'"),
     ("pipelines.local_cluster", "up --ray-port 99999", "99999: a port is 1-65535"),
     (T, f"--config {QUICK} --space nope.yaml", "search space not found: nope.yaml"),

@@ -86,3 +86,29 @@ def test_queue_rows_time_moco_loss_at_the_settings_they_print_against_infonce(mo
     g = torch.Generator().manual_seed(0)
     q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (5, 5, 30))
     torch.testing.assert_close(benchmark.infonce(q, k, queue, 0.2), real(q, k, queue, temperature=0.2))
+
+
+@pytest.mark.integration
+def test_ingest_reads_a_given_folder_and_writes_its_figures_as_json(tmp_path):
+    """``ingest --root DIR --json FILE``: the folder as given (not a generated one), both loaders over
+    every epoch, Ray's start apart from the epochs, and the figures the README quotes."""
+    import json
+    import subprocess
+
+    root = benchmark.write_jpeg_folder(tmp_path / "mine", 300, side=(40, 30), n_classes=3)
+    out = tmp_path / "ingest.json"
+    run = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "ingest", "--root", str(root), "--json",
+                          str(out), "--epochs", "2", "--memory-sizes", "none", "--workdir", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["images"] == figures["dataloader_epoch_images"] == figures["pipeline_epoch_images"] == 300
+    for key in ("pipeline_img_s", "pipeline_first_batch_s", "pipeline_steady_img_s", "dataloader_img_s",
+                "dataloader_steady_img_s", "ray_start_s", "workers_warm_s"):
+        assert figures[key] > 0, key
+    assert figures["first_epoch_ratio"] == pytest.approx(figures["pipeline_img_s"] / figures["dataloader_img_s"])
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").glob("jpegs-*"))  # nothing generated
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"ingest of 300 images in {root} -> two 32-px views, 2 epochs")
+    assert lines[1].startswith("Ray start ") and "task workers warm after" in lines[1]
+    assert [line.split()[-4] for line in lines[3:7]] == ["first", "steady", "first", "steady"]

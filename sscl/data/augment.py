@@ -318,3 +318,9 @@ def normalize_images(
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
+
+
+def two_views(batch: dict[str, np.ndarray], *, augment: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A Ray Data task's step: ``TwoViewAugment`` (cheap to build) on a batch of decoded images.
+    Lives here, with torch as its only heavy import, so a fresh task worker starts quickly."""
+    return TwoViewAugment(**augment)(batch)
