@@ -71,8 +71,17 @@ def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: to
 
 def views_in_trainer(cfg: Config) -> bool:
     """Whether the two views are made inside the training loop on the training device
-    (``augment.where``: trainer, or auto on GPUs) rather than in the Ray Data tasks that decode."""
-    return cfg.augment.where == "trainer" or (cfg.augment.where == "auto" and cfg.scaling.use_gpu)
+    (``augment.where``: trainer, or auto on GPUs or when the images are decoded there) rather than
+    in the Ray Data tasks that decode."""
+    return cfg.augment.where == "trainer" or (cfg.augment.where == "auto" and (cfg.scaling.use_gpu or
+                                                                                decodes_on_device(cfg)))
+
+
+def decodes_on_device(cfg: Config) -> bool:
+    """Whether each training worker decodes its batches on its device from the encoded bytes
+    (``data.decode``: device, or auto for image folders on GPUs) rather than the Ray Data tasks."""
+    return cfg.data.decode == "device" or (cfg.data.decode == "auto" and cfg.scaling.use_gpu and
+                                           cfg.data.source == "imagefolder")
 
 
 def for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.build import augment_kwargs, views_in_trainer
+from pipelines.build import augment_kwargs, decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
 from sscl.data.sources import BadImages, build_dataset
@@ -23,7 +23,8 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
     Raises:
         FileNotFoundError, ConnectionError, ValueError: naming the path or key, before any worker starts.
     """
-    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, bad_images=bad_images)
+    pretrain = build_dataset(cfg.data, "pretrain", seed=cfg.train.seed, bad_images=bad_images,
+                             encoded=decodes_on_device(cfg))
     if pretrain.num_images < cfg.data.batch_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: larger than the {pretrain.num_images} pretraining "
                          "images")
@@ -36,13 +37,15 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
 
 def train_stream(cfg: Config, pretrain):
     """Two fresh views per image every epoch, made in the Ray Data tasks that decode the images
-    unless made on the training device.
+    unless made on the training device; with ``data.decode=device``, the encoded images themselves.
 
     No global shuffle (an all-to-all barrier that would read the whole dataset before the first
     batch): the files are read in a new seeded order each epoch and the workers shuffle locally.
     """
     import ray.data
 
+    if decodes_on_device(cfg):  # the encoded bytes as stored, and each file's name for errors
+        return pretrain.select_columns(["bytes", "where"])
     pretrain = pretrain.select_columns(["image"])
     if not views_in_trainer(cfg):
         # Plain tasks, fused with decoding, scale with the cluster's free CPUs; a fixed actor pool

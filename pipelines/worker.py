@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -13,7 +14,7 @@ import torch
 
 from pipelines.console import epoch_line
 from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config, model_from_config,
-                             momentum_queue, views_in_trainer)
+                             momentum_queue, decodes_on_device, views_in_trainer)
 from sscl.config import Config, from_dict
 from sscl.data.sources import DataError
 from sscl.data.augment import TwoViewAugment
@@ -121,8 +122,7 @@ def _train(config: dict[str, Any]) -> None:
         if rank == 0:
             say("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in state["initial"].items()))
     for epoch in range(state["epoch"], cfg.train.epochs):
-        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
-                                           prefetch_batches=cfg.data.prefetch_batches, pin_memory=device.type == "cuda")
+        batches = _epoch_batches(shard, cfg, per_worker, device, world, config.get("bad_images"))
         bar = _Progress(epoch + 1, cfg.train.epochs, steps_per_epoch, say) if rank == 0 else None
         result = train_one_epoch(
             step_model, batches, loss_from_config(cfg, epoch), optimizer, lr_schedule=schedule, start_step=state["step"],
@@ -147,6 +147,51 @@ def _train(config: dict[str, Any]) -> None:
             save(metrics)
         else:
             ray.train.report(metrics)
+
+
+def _epoch_batches(shard: Any, cfg: Config, per_worker: int, device: torch.device, world: int, bad_images: Any):
+    """One epoch of this worker's training batches: from Ray Data as made there, or, with
+    ``data.decode=device``, encoded images decoded here on ``device`` (``sscl.data.device_decode``)."""
+    shuffle = dict(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+                   prefetch_batches=cfg.data.prefetch_batches)
+    if not decodes_on_device(cfg):
+        return shard.iter_torch_batches(**shuffle, pin_memory=device.type == "cuda")
+    return _decoded_here(shard.iter_batches(**shuffle, batch_format="numpy"), cfg, per_worker, device, world,
+                         bad_images)
+
+
+def _decoded_here(batches, cfg: Config, per_worker: int, device: torch.device, world: int, bad_images: Any):
+    from sscl.data.device_decode import decode_batch
+    from sscl.data.sources import Decoder
+
+    decoder = Decoder(cfg.data.image_size, cfg.data.skip_corrupt, bad_images)
+
+    def full_batches():
+        carry = None
+        for batch in batches:
+            images, _ = decode_batch(batch["bytes"], batch["where"], size=cfg.data.image_size, device=device,
+                                     decoder=decoder)
+            carry = images if carry is None else torch.cat([carry, images])
+            if len(carry) >= per_worker:  # short only after a skipped image: filled from the next batch
+                yield {"image": carry[:per_worker]}
+                carry = carry[per_worker:]
+
+    if not cfg.data.skip_corrupt or world == 1:
+        yield from full_batches()
+        return
+    # Skipped images can leave one worker a batch short at the end of the epoch, and the loss gathers
+    # a batch from every worker: before each step they agree that each has one, or all stop.
+    for batch in _while_all_have(full_batches(), device):
+        yield batch
+
+
+def _while_all_have(batches, device: torch.device):
+    for batch in itertools.chain(batches, [None]):  # lazily: one batch decoded at a time
+        have = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+        if not have.item():
+            return
+        yield batch
 
 
 def evaluate_on_workers(model: torch.nn.Module, cfg: Config, device: torch.device, moco: MomentumQueue | None = None

@@ -55,6 +55,10 @@ class DataConfig:
     label_column: str = _f("label", "parquet: label column ('' for none)")
     image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8,
                         le=8192)
+    decode: str = _f("auto", "imagefolder/parquet training images are decoded by: tasks (the Ray Data tasks, on CPUs) | "
+                     "device (each training worker, on its device: Ray Data ships the encoded bytes as stored; the "
+                     "views are then made there too) | auto (device for imagefolder on GPUs)",
+                     choices=("auto", "tasks", "device"))
     test_fraction: float = _f(0.2, "held-out fraction when the source has no test split and no data.eval_root",
                               gt=0, lt=1)
     skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
@@ -410,6 +414,12 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.augment.crop_size > decoded:
         problems.append(f"augment.crop_size={cfg.augment.crop_size}: larger than the decoded images ({decoded} px, "
                         f"{size_key}); crops would only be upsampled: lower it or raise data.image_size")
+    if cfg.data.decode == "device" and cfg.data.source not in ("imagefolder", "parquet"):
+        problems.append(f"data.decode=device: {cfg.data.source} images are not stored encoded (only imagefolder and "
+                        "parquet are); use data.decode=tasks or auto")
+    if cfg.data.decode == "device" and cfg.augment.where == "ray_data":
+        problems.append("augment.where=ray_data: with data.decode=device the images exist only on the training device, "
+                        "where the views must be made too: use augment.where=trainer or auto")
     if cfg.data.source == "parquet" and not cfg.data.image_column.strip():
         problems.append("data.image_column='': the parquet source needs the column of encoded images")
     name = cfg.train.run_name
@@ -594,7 +604,8 @@ def describe_keys() -> str:
 # long it goes on, not what it computes. ``train.epochs`` may only grow (the cosine is stretched from
 # the resumed step on). Every other key must keep its recorded value.
 RESUMABLE_KEYS = ("train.epochs", "train.max_failures", "train.checkpoint_every", "train.knn_every",
-                  "data.prefetch_batches", "data.eval_batch_size", "augment.max_tasks", "scaling.cpus_per_worker",
+                  "data.prefetch_batches", "data.eval_batch_size", "data.decode", "augment.max_tasks",
+                  "scaling.cpus_per_worker",
                   "tracking.uri", "tracking.register", "tracking.model_name")
 
 

@@ -104,6 +104,27 @@ def test_skip_corrupt_skips_and_logs_the_count(tmp_path, ray_cluster, monkeypatc
     assert [m.value for m in client.get_metric_history(result["run_id"], "skipped_images")] == [1.0]
 
 
+def test_decoding_on_the_device_with_two_workers_reads_pngs_and_skips_a_corrupt_jpeg(tmp_path, ray_cluster,
+                                                                                     monkeypatch):
+    """data.decode=device: the training stream carries the encoded bytes; both workers decode their
+    batches (JPEGs batched, PNGs by the task path's decoder) and skip the same file by the same name."""
+    from PIL import Image
+
+    from pipelines.datasets import build_datasets
+    from pipelines.pretrain import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = broken_folder(tmp_path)
+    for jpeg in sorted((root / "class_0").glob("*.jpg"))[:10]:
+        Image.open(jpeg).save(jpeg.with_suffix(".png"))
+        jpeg.unlink()
+    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "data.decode=device", "augment.where=trainer",
+                                                   "data.skip_corrupt=true", "train.run_name=on-device"))
+    assert build_datasets(cfg)[0]["train"].schema().names == ["bytes", "where"]
+    result = main(cfg)
+    assert result["epochs"] == 1 and result["skipped_images"] == 1
+
+
 def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_path, ray_cluster, monkeypatch):
     from pipelines.build import eval_transform
     from pipelines.pretrain import load_trained, main

@@ -165,36 +165,55 @@ class BadImages:
 
 
 @dataclass(frozen=True)
-class _Decoder:
+class Decoder:
     """Decodes a batch of encoded images into ``image``/``label``, naming or skipping bad ones.
 
     Attributes:
         size: output side in pixels.
         skip_corrupt: skip undecodable images instead of failing.
         bad_images: a ``BadImages`` actor handle told of each skipped image or failure, or None.
+        encoded: pass the encoded bytes on as stored (``bytes``, ``label``, ``where`` columns), for
+            decoding on the training device (``data.decode=device``, ``sscl.data.device_decode``).
     """
 
     size: int
     skip_corrupt: bool
     bad_images: Any = None
+    encoded: bool = False
 
     def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        if self.encoded:
+            return self._passed_on(values, labels, where)
         images, kept = [], []
         for value, label, name in zip(values, labels, where):
             try:
                 images.append(decode_image(value, self.size, name))
             except CorruptDataError as err:
-                # Reported and waited for (rare: only bad images), so the driver's question that follows
-                # (which file stopped the run, how many were skipped this epoch) finds it recorded.
-                if not self.skip_corrupt:
-                    message = f"{err} (set data.skip_corrupt=true to skip such images)"
-                    self._tell("fail", message)
-                    raise CorruptDataError(message) from None
-                self._tell("skip", name)
+                self.bad(err, name)
                 continue
             kept.append(label)
         empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
         return {"image": np.stack(images) if images else empty, "label": np.asarray(kept, dtype=np.int64)}
+
+    def bad(self, err: CorruptDataError, name: str) -> None:
+        """An undecodable image, wherever it was decoded: raises, naming it, or reports it skipped."""
+        # Reported and waited for (rare: only bad images), so the driver's question that follows
+        # (which file stopped the run, how many were skipped this epoch) finds it recorded.
+        if not self.skip_corrupt:
+            message = f"{err} (set data.skip_corrupt=true to skip such images)"
+            self._tell("fail", message)
+            raise CorruptDataError(message) from None
+        self._tell("skip", name)
+
+    def _passed_on(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        encoded = np.empty(len(values), dtype=object)
+        for i, (value, name) in enumerate(zip(values, where)):
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise DataError(f"data.decode=device ships encoded images as stored, but {name} is "
+                                f"{'empty (null)' if value is None else 'an array, not encoded bytes'}: set "
+                                "data.decode=tasks")
+            encoded[i] = bytes(value)
+        return {"bytes": encoded, "label": np.asarray(labels, dtype=np.int64), "where": np.asarray(where, dtype=object)}
 
     def _tell(self, what: str, text: str) -> None:
         """Reports to the ``BadImages`` actor, if any, and waits for it."""
@@ -379,7 +398,7 @@ def _selected(listing: FolderListing, files: _FolderFiles, root: str, selection:
                     "another data.test_fraction, or a labelled data.eval_root")
 
 
-def _decode_files(batch: dict[str, Any], *, decoder: _Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
+def _decode_files(batch: dict[str, Any], *, decoder: Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
     paths = list(batch["path"])
     return decoder.decode(list(batch["bytes"]), [files.label(p) for p in paths], paths)
 
@@ -395,7 +414,7 @@ def _shuffle(seed: int | None):
     return ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
 
 
-def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int | None, classes_root: str) -> Split:
+def _image_folder(root: str, selection: _Selection, decoder: Decoder, seed: int | None, classes_root: str) -> Split:
     import ray.data
 
     listing, files = _folder_files(root, selection, classes_root)
@@ -406,7 +425,7 @@ def _image_folder(root: str, selection: _Selection, decoder: _Decoder, seed: int
     return Split(decoded, len(paths))
 
 
-def _decode_rows(batch: dict[str, Any], *, decoder: _Decoder, image_column: str, label_column: str,
+def _decode_rows(batch: dict[str, Any], *, decoder: Decoder, image_column: str, label_column: str,
                  selection: _Selection, keep_fraction: float) -> dict[str, np.ndarray]:
     values = list(batch[image_column])
     labels = [_label(v, label_column) for v in batch[label_column]] if label_column else [-1] * len(values)
@@ -435,7 +454,7 @@ def _label(value: Any, column: str) -> int:
                         "(>= 0; null for unlabelled)") from None
 
 
-def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decoder, seed: int | None) -> Split:
+def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: Decoder, seed: int | None) -> Split:
     import ray.data
 
     fs, base = _filesystem(root)
@@ -461,7 +480,7 @@ def _parquet_columns(names: list[str], root: str, cfg: DataConfig, selection: _S
     return [cfg.image_column] + ([cfg.label_column] if cfg.label_column else [])
 
 
-def _parquet_decoding(cfg: DataConfig, selection: _Selection, decoder: _Decoder, rows: int) -> dict[str, Any]:
+def _parquet_decoding(cfg: DataConfig, selection: _Selection, decoder: Decoder, rows: int) -> dict[str, Any]:
     """``_decode_rows`` keywords for a Parquet split of ``rows`` rows."""
     keep_fraction = 1.0
     if selection.max_images:
@@ -690,8 +709,9 @@ def check_roots(cfg: DataConfig) -> None:
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
-                  bad_images: Any = None) -> Split:
-    """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64).
+                  bad_images: Any = None, encoded: bool = False) -> Split:
+    """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64),
+    or with ``encoded`` (image folders and Parquet) ``bytes`` (as stored), ``label`` and ``where``.
 
     Only paths and metadata are read here; images are read and decoded in Ray tasks when the
     dataset runs, again each epoch.
@@ -703,6 +723,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         seed: file-based pretraining sources: seeds the file order, a new order each epoch and the
             same sequence of orders after a restart; None keeps the listing order.
         bad_images: a ``BadImages`` actor handle told of every undecodable image.
+        encoded: pass image folders' and Parquet's encoded images on undecoded (``data.decode=device``).
 
     Raises:
         FileNotFoundError: naming a missing root or file, or a folder without images.
@@ -714,7 +735,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
     source = cfg.source
     _check_split(cfg, split)
     if source in ("imagefolder", "parquet"):
-        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt, bad_images)
+        decoder = Decoder(cfg.image_size, cfg.skip_corrupt, bad_images, encoded=encoded)
         root, selection = _files_of(cfg, split, max_images)
         seed = None if evaluation else seed
         if source == "imagefolder":
@@ -828,7 +849,7 @@ def _local_units(cfg: DataConfig, split: str, max_images: int) -> LocalSplit:
     bound = max_images if evaluation else 0
     if cfg.source in ("imagefolder", "parquet"):
         root, selection = _files_of(cfg, split, bound)
-        decoder = _Decoder(cfg.image_size, cfg.skip_corrupt)
+        decoder = Decoder(cfg.image_size, cfg.skip_corrupt)
         if cfg.source == "imagefolder":
             return _local_folder(root, selection, decoder, classes_root=cfg.root)
         return _local_parquet(root, cfg, selection, decoder)
@@ -874,7 +895,7 @@ def _bounded_read(unit: Any, *, read: Callable[[Any], dict[str, np.ndarray]], fr
     return _keep_by_hash(read(unit), fraction=fraction)
 
 
-def _local_folder(root: str, selection: _Selection, decoder: _Decoder, classes_root: str) -> LocalSplit:
+def _local_folder(root: str, selection: _Selection, decoder: Decoder, classes_root: str) -> LocalSplit:
     listing, files = _folder_files(root, selection, classes_root)
     paths = _selected(listing, files, root, selection)
     units = [paths[i : i + _LOCAL_UNIT] for i in range(0, len(paths), _LOCAL_UNIT)]
@@ -882,7 +903,7 @@ def _local_folder(root: str, selection: _Selection, decoder: _Decoder, classes_r
                       len(paths))
 
 
-def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder: _Decoder) -> dict[str, np.ndarray]:
+def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder: Decoder) -> dict[str, np.ndarray]:
     data = []
     for path in paths:
         with fs.open_input_file(path) as fh:
@@ -890,7 +911,7 @@ def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder
     return decoder.decode(data, [files.label(p) for p in paths], paths)
 
 
-def _local_parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: _Decoder) -> LocalSplit:
+def _local_parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: Decoder) -> LocalSplit:
     import pyarrow.dataset as pads
 
     fs, base = _filesystem(root)
