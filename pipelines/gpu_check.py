@@ -7,7 +7,8 @@ throughput, in a single process that needs only PyTorch (and torchvision, numpy)
 
 It is written for a lent GPU machine that has PyTorch but neither Ray, MLflow nor this project
 installed: run it from the repository root. It imports only ``sscl.losses``, ``sscl.models``,
-``sscl.moco``, ``sscl.data.augment`` and ``sscl.train`` (torch and numpy only) and the loop reference in
+``sscl.moco``, ``sscl.data.augment``, ``sscl.data.device_decode``, ``sscl.train`` (torch, torchvision,
+numpy and PIL only) and the loop reference in
 ``tests/loss_reference.py``.
 
 Sections, in order (each catches its own failures, so one failure keeps the rest):
@@ -25,6 +26,10 @@ Sections, in order (each catches its own failures, so one failure keeps the rest
    (ImageNet stem, 224 px), SimCLR, SSCL and SSCL on a MoCo queue (the momentum encoder's keys, its
    update and the enqueue in every step, BatchNorm split in 8 parts), with channels_last and
    torch.compile on and off (the MoCo step uncompiled only).
+5. end to end: JPEGs the check writes (500x375) read as bytes by DataLoader workers and decoded by
+   them on the CPU or on the device, resized to 256, two 224-px views on the device, bf16 ResNet-50
+   SSCL steps with channels_last: img/s of each and its fraction of the step-only rate; and the
+   device decoder must name a truncated JPEG.
 
 It prints one aligned table at the end and writes the same rows as JSON to ``--out``; the exit
 status is 1 if any correctness row failed, else 0.
@@ -111,6 +116,22 @@ class TrainCase:
 
 
 @dataclass(frozen=True)
+class EndToEndCase:
+    """Section 5's files and step. Attributes: images (JPEGs written), photo ((width, height) of each),
+    image_size (decoded side), crop_size, width (ResNet-50 channel multiplier), batch, loader_workers
+    (DataLoader workers reading the files), epochs (the first is not timed)."""
+
+    images: int
+    photo: tuple[int, int]
+    image_size: int
+    crop_size: int
+    width: float
+    batch: int
+    loader_workers: int
+    epochs: int
+
+
+@dataclass(frozen=True)
 class StepOptions:
     """Attributes: channels_last (model and inputs), compile (torch.compile of the model)."""
 
@@ -148,6 +169,7 @@ class Plan:
         train_warmup, train_steps: steps before timing (compile happens here), timed steps.
         compile_backend: torch.compile backend, or None to skip the compiled cases.
         train_budget_s: no new training case starts after this many seconds of the section.
+        e2e: the end-to-end case (section 5).
     """
 
     loss_batches: tuple[int, ...]
@@ -164,6 +186,7 @@ class Plan:
     train_steps: int
     compile_backend: str | None
     train_budget_s: float
+    e2e: EndToEndCase
 
 
 # Sized for about six minutes on one H200, most of it the two inductor compiles.
@@ -188,6 +211,9 @@ FULL = Plan(
     train_steps=15,
     compile_backend="inductor",
     train_budget_s=240.0,
+    # ImageNet's typical photo, decoded at 256 and cropped to 224 as the ImageNet preset does.
+    e2e=EndToEndCase(images=2048, photo=(500, 375), image_size=256, crop_size=224, width=1.0, batch=256,
+                     loader_workers=8, epochs=3),
 )
 
 # The same code at sizes a 2-core CPU runs in well under a minute. Inductor would spend minutes
@@ -214,6 +240,8 @@ QUICK = Plan(
     train_steps=2,
     compile_backend="eager",
     train_budget_s=40.0,
+    e2e=EndToEndCase(images=48, photo=(100, 75), image_size=64, crop_size=56, width=0.125, batch=16,
+                     loader_workers=2, epochs=3),
 )
 
 
@@ -804,6 +832,119 @@ def time_training(device: torch.device, plan: Plan) -> list[Row]:
     return rows
 
 
+# --------------------------------------------------------------------------- 5. end to end
+
+
+class _StoredFiles(torch.utils.data.Dataset):
+    """The files' bytes as stored, or (``size``) decoded and resized by the pipeline's CPU decoder."""
+
+    def __init__(self, paths: list[Path], size: int | None = None) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        data = self.paths[i].read_bytes()
+        if self.size is None:
+            return data, str(self.paths[i])
+        from sscl.data.sources import decode_image
+
+        return torch.from_numpy(decode_image(data, self.size, str(self.paths[i])).copy())
+
+
+def _write_photos(folder: Path, case: EndToEndCase) -> list[Path]:
+    """``case.images`` smooth random JPEGs (compressible like photos) of ``case.photo`` pixels."""
+    from PIL import Image
+
+    width, height = case.photo
+    g = torch.Generator().manual_seed(0)
+    across, down = torch.linspace(0, 1, width), torch.linspace(0, 1, height)
+    paths = []
+    for i in range(case.images):
+        a, b, c = (torch.rand(3, generator=g) * 255, torch.rand(3, generator=g) * 256 - 128,
+                   torch.rand(3, generator=g) * 256 - 128)
+        img = a + b * down[:, None, None] + c * across[None, :, None] + torch.randn(height, width, 3, generator=g) * 8
+        paths.append(folder / f"{i}.jpg")
+        Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(paths[-1], quality=90)
+    return paths
+
+
+def time_end_to_end(device: torch.device, plan: Plan) -> list[Row]:
+    """Section 5: JPEGs on disk to bf16 ResNet-50 steps (channels_last, SSCL), views made on the device.
+
+    DataLoader workers read the files; the images are decoded (a) by those workers on the CPU (the
+    pipeline's PIL decoder, ``data.decode=tasks``) or (b) on the device (``sscl.data.device_decode``,
+    ``data.decode=device``). The step-only rate runs the same views and steps on images already on
+    the device; each path's row gives its fraction of it. A truncated JPEG must be named by the
+    device decoder as by the CPU one.
+
+    Returns:
+        The correctness row of the truncated file, then img/s of the step only and of each path.
+    """
+    import tempfile
+
+    from sscl.data.device_decode import decode_batch
+    from sscl.data.sources import CorruptDataError
+
+    case, section = plan.e2e, "end to end"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = _write_photos(Path(folder), case)
+        cut = paths[0].read_bytes()
+        try:
+            decode_batch([cut, cut[: len(cut) // 2]], ["whole.jpg", "cut.jpg"], size=case.image_size, device=device)
+            status = "FAIL: a truncated JPEG was decoded without an error"
+        except CorruptDataError as err:
+            status = "pass" if "cut.jpg" in str(err) else f"FAIL: the error does not name the file: {err}"
+        rows.append(Row(section, "device decoding names a truncated JPEG", None, "check", status))
+        augment = TwoViewAugment(crop_size=case.crop_size, blur_p=0.5, seed=0).views
+        torch.manual_seed(0)
+        model = build_model("resnet50", stem="imagenet", width=case.width, out_dim=PROJECTION_DIM).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, "sgd", lr=0.01)
+        loss_fn = get_loss("sscl", **(HYPER | dict(n_hard=min(HYPER["n_hard"], 2 * case.batch - 2))))
+        pin = device.type == "cuda"
+
+        def on_cpu():
+            loader = torch.utils.data.DataLoader(_StoredFiles(paths, case.image_size), batch_size=case.batch,
+                                                 num_workers=case.loader_workers, drop_last=True, pin_memory=pin)
+            return ({"image": images.to(device, non_blocking=True)} for images in loader)
+
+        def on_device():
+            loader = torch.utils.data.DataLoader(_StoredFiles(paths), batch_size=case.batch, drop_last=True,
+                                                 num_workers=case.loader_workers, collate_fn=lambda b: list(zip(*b)))
+            return ({"image": decode_batch(data, where, size=case.image_size, device=device)[0]}
+                    for data, where in loader)
+
+        steps = case.images // case.batch
+        resident = torch.randint(0, 256, (case.batch, case.image_size, case.image_size, 3), dtype=torch.uint8,
+                                 generator=torch.Generator().manual_seed(0)).to(device)
+        step_only = "step only (images on the device)"
+        runs = {step_only: lambda: [{"image": resident}] * steps,
+                f"decoded by {case.loader_workers} DataLoader workers on the CPU": on_cpu,
+                "bytes from the workers, decoded on the device": on_device}
+        rates = {}
+        for name, batches in runs.items():
+            try:
+                for _ in range(case.epochs):  # the last is timed: the first warms cuDNN, the allocator, the workers
+                    result, ms = _timed_ms(lambda: train_one_epoch(
+                        model, batches(), loss_fn, optimizer, lr_schedule=lambda step: 0.01, device=device,
+                        amp=True, channels_last=True, augment=augment), device)
+                rates[name] = steps * case.batch / ms * 1e3
+                rows.append(Row(section, f"{name}: {case.photo[0]}x{case.photo[1]} JPEG -> {case.image_size} -> 2 "
+                                f"views {case.crop_size}, resnet50 w{case.width:g} b{case.batch} bf16 channels_last",
+                                rates[name], "img/s", "ok", dict(ms_per_epoch=ms, loss=result.loss, steps=steps)))
+            except Exception as exc:
+                rows.append(Row(section, name, None, "img/s", f"error: {_error_text(exc)}"))
+                traceback.print_exc(file=sys.stderr)
+            _free_memory(device)
+        for name, rate in rates.items():
+            if name != step_only and step_only in rates:
+                rows.append(Row(section, f"{name} / step only", rate / rates[step_only], "rate ratio", "ok"))
+    return rows
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -812,6 +953,7 @@ SECTION_RUNNERS: dict[str, Callable[[torch.device, Plan], list[Row]]] = {
     "loss timing": time_losses,
     "augmentation": time_augmentation,
     "training step": time_training,
+    "end to end": time_end_to_end,
 }
 
 
@@ -903,7 +1045,7 @@ def run_check(
 
 def correctness_failed(rows: Sequence[Row]) -> bool:
     """Whether any correctness row did not pass (the exit status of the check)."""
-    return any(r.section == "correctness" and r.status != "pass" for r in rows)
+    return any(r.status.startswith("FAIL") or (r.section == "correctness" and r.status != "pass") for r in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipelines import gpu_check
 from pipelines.gpu_check import Row
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("correctness", "loss timing", "augmentation", "training step")
+SECTIONS = ("correctness", "loss timing", "augmentation", "training step", "end to end")
 
 # Runs the module as `python -m` would, with ray and mlflow unimportable (as on the GPU machine);
 # any attempt to import them is recorded, and what ended up in sys.modules is printed last.
@@ -107,6 +108,37 @@ def test_quick_cpu_run_reports_every_section_on_torch_alone(tmp_path):
     for r in ratios:  # "<loss>/simclr <model, options>" divides the two cases' step times
         loss, label = r["case"].split("/simclr ")
         assert abs(r["figure"] - ms[f"{loss} {label}"] / ms[f"simclr {label}"]) < 1e-9, r
+
+
+def test_end_to_end_rows_time_both_decoders_against_the_step_alone(tmp_path):
+    """The quick plan's section 5, in this process: its rows, and ratios that divide them."""
+    rows = gpu_check.time_end_to_end(torch.device("cpu"), gpu_check.QUICK)
+    assert rows[0].case == "device decoding names a truncated JPEG" and rows[0].status == "pass"
+    rates = [r for r in rows if r.unit == "img/s"]
+    assert [r.case.split(":")[0] for r in rates] == [
+        "step only (images on the device)", "decoded by 2 DataLoader workers on the CPU",
+        "bytes from the workers, decoded on the device"]
+    assert all(r.status == "ok" and r.figure > 0 and r.extra["steps"] == 48 // 16 for r in rates)
+    ratios = [r for r in rows if r.unit == "rate ratio"]
+    assert [r.figure for r in ratios] == pytest.approx([rates[1].figure / rates[0].figure,
+                                                         rates[2].figure / rates[0].figure])
+
+
+def test_a_device_decoder_that_accepts_a_truncated_jpeg_fails_the_check(monkeypatch):
+    import dataclasses
+
+    import sscl.data.device_decode
+
+    real = sscl.data.device_decode.decode_batch
+
+    def lenient(encoded, where, **kwargs):
+        return real(encoded[:1], where[:1], **kwargs)  # decodes the whole file, drops the cut one silently
+
+    monkeypatch.setattr(sscl.data.device_decode, "decode_batch", lenient)
+    tiny = dataclasses.replace(gpu_check.QUICK.e2e, images=16, batch=8, loader_workers=0, epochs=1)
+    rows = gpu_check.time_end_to_end(torch.device("cpu"), dataclasses.replace(gpu_check.QUICK, e2e=tiny))
+    assert rows[0].status == "FAIL: a truncated JPEG was decoded without an error"
+    assert gpu_check.correctness_failed(rows)
 
 
 def test_wrong_loss_fails_its_correctness_row(monkeypatch):
