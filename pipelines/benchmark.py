@@ -425,6 +425,7 @@ def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 5000
     """
     import ray
 
+    from pipelines.datasets import use_data_settings
     from pipelines.ray_checks import init_ray, wait_warm
     from sscl.data.sources import list_folder
 
@@ -442,6 +443,7 @@ def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 5000
     start = time.perf_counter()
     init_ray(dashboard=False)
     ray_start = time.perf_counter() - start
+    use_data_settings()
     wait_warm()
     warm = time.perf_counter() - start - ray_start
     stream = [_stream_epoch(cfg) for _ in range(epochs)]

@@ -59,6 +59,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     features), computed in a Ray task on one worker's device (``scaling.use_gpu``), streamed from storage."""
     import ray
 
+    from pipelines.datasets import use_data_settings
     from pipelines.ray_checks import init_ray
     from sscl import tracking
 
@@ -68,6 +69,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
     image_size = tracking.registered_image_size(uri, model_uri)  # the size its export was traced for
     init_ray(dashboard=False)
+    use_data_settings()
     train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
     test = build_dataset(cfg.data, "eval_test").dataset
     task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,
