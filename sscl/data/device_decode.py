@@ -30,7 +30,7 @@ def decode_batch(encoded: Sequence[bytes], where: Sequence[str], *, size: int, d
         where: each image's name (its path), for errors.
         size: output side in pixels.
         device: where the JPEGs are decoded and the batch is returned.
-        decoder: the task path's ``_Decoder``, whose ``bad(err, name)`` raises (naming the file) or
+        decoder: the task path's ``Decoder``, whose ``bad(err, name)`` raises (naming the file) or
             reports the image skipped; None raises.
 
     Returns:
