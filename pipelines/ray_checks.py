@@ -36,11 +36,12 @@ def init_ray(*, dashboard: bool = True) -> None:
     # actors from waiting on each other.
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=dashboard,
              **console.ray_init_options())
-    _started_here.append(True)
+    global _started_here
+    _started_here = True
     warm_task_workers(int(ray.cluster_resources().get("CPU", 1)))
 
 
-_started_here: list[bool] = []
+_started_here = False  # whether init_ray started the local cluster this process is joined to
 
 
 def stop_local_ray() -> None:
@@ -50,10 +51,11 @@ def stop_local_ray() -> None:
 
     from pipelines import console
 
+    global _started_here
     if _started_here and ray.is_initialized():
         with console.library_output():
             ray.shutdown()
-    _started_here.clear()
+    _started_here = False
 
 
 _warming: list = []
