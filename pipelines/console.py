@@ -62,16 +62,6 @@ def library_output() -> Iterator[TextIO]:
         yield console
 
 
-def epoch_line(metrics: dict[str, float], epochs: int) -> str:
-    """One epoch's line: loss, lr, images/s, and the kNN and linear top-1 when evaluated."""
-    line = (f"epoch {int(metrics['epoch']):3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.4f}  "
-            f"img/s {metrics['images_per_second']:8.1f}")
-    for key in ("knn_top1", "linear_top1", "skipped_images"):
-        if key in metrics:
-            line += f"  {key} {metrics[key]:.4f}" if key != "skipped_images" else f"  skipped {int(metrics[key])}"
-    return line
-
-
 class ProgressLines:
     """A Ray actor (``num_cpus=0``) holding the lines rank 0 posts, for the driver to print."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.build import augment_kwargs, decodes_on_device, views_in_trainer
+from sscl.build import augment_kwargs, decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
 from sscl.data.sources import BadImages, build_dataset

@@ -42,7 +42,7 @@ def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str
                      image_size: int | None = None) -> dict[str, float]:
     """Runs as a Ray task with a Train worker's resources: streams both evaluation sets through the
     encoder on that task's device."""
-    from pipelines.build import eval_transform
+    from sscl.build import eval_transform
     from sscl.config import from_dict
 
     cfg = from_dict(cfg_dict)

@@ -23,16 +23,17 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from pipelines import console
-from pipelines.build import model_from_config
+from sscl.build import model_from_config
 from pipelines.config_cli import config_yaml
 from pipelines.errors import Interrupted, guarded
 from pipelines.datasets import bad_images_actor, build_datasets, data_config
 from pipelines.ray_checks import (alive_resources, check_resources, check_storage, check_storage_path, init_ray,
                                   stop_local_ray, storage_path)
-from pipelines.worker import STATE_FILE, train_loop_per_worker
+from pipelines.worker import SIMILARITIES_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
 from sscl.data.sources import DataError, check_roots
+from sscl.recipe import TrainingState
 
 
 def prepare(cfg: Config) -> str:
@@ -170,13 +171,16 @@ def _stop_on_data_error(trainer: Any, bad_images: Any) -> console.Every:
     return console.Every(check, every_s=2.0, name="sscl-data-errors")
 
 
-def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model and training state (``history``, ``similarities``) saved in a checkpoint of this pipeline."""
+def load_trained(cfg: Config, checkpoint) -> tuple[torch.nn.Module, TrainingState, dict | None]:
+    """The model, training state and (in a run's last checkpoint) the histogram's similarity sample
+    saved in a checkpoint of this pipeline."""
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = TrainingState.load(folder)
+        sample = Path(folder) / SIMILARITIES_FILE
+        similarities = torch.load(sample, weights_only=True) if sample.is_file() else None
     model = model_from_config(cfg)
-    model.load_state_dict(state.pop("model"))
-    return model, state
+    model.load_state_dict(state.model)
+    return model, state, similarities
 
 
 def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
@@ -203,8 +207,8 @@ def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
     tracking.mark_running(uri, run_id)  # a resumed run that ended FAILED or KILLED
     with ended_as_failed_or_killed(uri, run_id, resume=command):
         result = fit(cfg, run_id=run_id, uri=uri, datasets=datasets, n_pretrain=n_pretrain, bad_images=bad_images)
-        model, state = load_trained(cfg, result.checkpoint)
-        return finish(cfg, model, state, run_id, uri, started)
+        model, state, similarities = load_trained(cfg, result.checkpoint)
+        return finish(cfg, model, state, run_id, uri, started, similarities=similarities)
 
 
 def check_resume(cfg: Config, uri: str) -> dict[str, tuple[str, str]]:
@@ -280,26 +284,27 @@ def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
             f"{scaling.num_workers} {device} worker(s); MLflow {tracking.redact_uri(uri)}{logs}")
 
 
-def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: str, uri: str, started: float, *,
-           aliases: Sequence[str] = (), version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+def finish(cfg: Config, model: torch.nn.Module, state: TrainingState, run_id: str, uri: str, started: float, *,
+           similarities: dict | None = None, aliases: Sequence[str] = (),
+           version_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Logs the final metrics (computed by the workers at the last evaluated epoch), plots and the
     encoder; registers it when ``tracking.register``.
 
     The new version gets ``aliases`` and ``version_tags`` (a sweep's best: ``best-<sweep>``, its
     params and the sweep's run id), and the champion alias when it beats the current one.
     """
-    history = state["history"]
-    evaluated = [h for h in history if "knn_top1" in h]
+    evaluated = [m for m in state.history if m.evaluated]
     if not evaluated:
         raise RuntimeError(f"run {cfg.train.run_name!r} has no evaluated epoch in its checkpoint")
-    final = {"final_knn_top1": evaluated[-1]["knn_top1"], "linear_top1": evaluated[-1]["linear_top1"]}
-    initial = {f"initial_{k}": v for k, v in (state.get("initial") or {}).items()}  # the untrained encoder
+    final = {"final_knn_top1": evaluated[-1].knn_top1, "linear_top1": evaluated[-1].linear_top1}
+    initial = {f"initial_{k}": v for k, v in (state.initial or {}).items()}  # the untrained encoder
     name = cfg.tracking.model_name
     with console.library_output():
-        version, pending = tracking.log_result(uri, run_id, history=history, metrics={**final, **initial},
+        version, pending = tracking.log_result(uri, run_id, history=[m.flat() for m in state.history],
+                                               metrics={**final, **initial},
                                                encoder=model.encoder, image_size=cfg.augment.crop_size,
                                                model_name=name if cfg.tracking.register else None,
-                                               similarities=state.get("similarities"))
+                                               similarities=similarities)
     if pending:
         print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")
     champion = False
@@ -307,8 +312,8 @@ def finish(cfg: Config, model: torch.nn.Module, state: dict[str, Any], run_id: s
         tracking.label_version(name, version, aliases=aliases, tags=version_tags)
         champion = tracking.promote_if_better(name, version, knn_top1=final["final_knn_top1"], dataset=cfg.data.source)
     out = {**final, **initial, "run_id": run_id, "model_name": name, "version": version, "champion": champion,
-           "seconds": time.perf_counter() - started, "epochs": len(history),
-           "skipped_images": int(history[-1].get("skipped_images", 0))}
+           "seconds": time.perf_counter() - started, "epochs": len(state.history),
+           "skipped_images": state.history[-1].skipped_images or 0}
     _print_result(cfg, out, [*aliases, *(["champion"] if champion else [])], uri)
     return out
 

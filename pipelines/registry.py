@@ -65,7 +65,7 @@ def promote(name: str, version: str, alias: str = "champion", tracking_uri: str 
 def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
     """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
     from sscl import tracking
-    from pipelines.build import encode
+    from sscl.build import encode
     from pipelines.evaluate import load_encoder
 
     cfg = load_config(config)

@@ -12,8 +12,8 @@ metrics) to ``--out-dir`` (default ``outputs/local/<train.run_name>``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -22,15 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
-from pipelines.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config,
-                             model_from_config, momentum_queue)
-from pipelines.console import epoch_line
 from pipelines.errors import guarded
 from sscl.config import Config, to_dict
-from sscl.data.augment import TwoViewAugment
-from sscl.data.sources import LocalSplit, local_split
-from sscl.evaluate import check_bank, evaluate_encoder
-from sscl.train import build_optimizer, lr_at, train_one_epoch
+from sscl.data.sources import local_split
+from sscl.evaluate import check_bank
+from sscl.recipe import Recipe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,49 +69,32 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
         raise ValueError(f"data.batch_size={data.batch_size}: larger than the {pretrain.num_images} pretraining images")
     check_bank(train.knn_k, bank.num_images)
 
-    torch.manual_seed(train.seed)
-    model = for_training(model_from_config(cfg), cfg).to(target)
-    optimizer = build_optimizer(model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    step_model = compiled(model, cfg)  # what trains; evaluation and the saved state use ``model``
-    augment = TwoViewAugment(**augment_kwargs(cfg), seed=train.seed).views  # on the training device
-    steps_per_epoch = pretrain.num_images // data.batch_size
-    moco = momentum_queue(cfg, model, steps_per_epoch * train.epochs)  # None for simclr
-
-    def schedule(step: int) -> float:
-        return lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_epochs * steps_per_epoch,
-                     total_steps=steps_per_epoch * train.epochs, final_lr=cfg.optim.final_lr)
+    recipe = Recipe(cfg, steps_per_epoch=pretrain.num_images // data.batch_size, device=target)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(model, cfg, bank, test, target, workers)
+        size = data.eval_batch_size
+        return recipe.evaluate(bank.batches(size, workers=workers), test.batches(size, workers=workers))[0]
 
     print(f"{data.source} ({pretrain.num_images} images) on {target}, {cfg.model.encoder} x{cfg.model.width:g}, "
           f"{cfg.model.method} with loss {cfg.loss.name}, batch {data.batch_size}, {train.epochs} epochs")
     initial = evaluate()
     print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in initial.items()))
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(1, train.epochs + 1):
+    while not recipe.done:
+        epoch = recipe.state.epoch + 1
         batches = pretrain.batches(data.batch_size, seed=train.seed + epoch, workers=workers, drop_last=True)
-        with _bar(epoch, train.epochs, steps_per_epoch) as bar:
-            result = train_one_epoch(step_model, batches, loss_from_config(cfg, epoch - 1), optimizer,
-                                     lr_schedule=schedule, start_step=step, device=target, augment=augment,
-                                     amp=train.amp and target.type == "cuda", max_steps=steps_per_epoch,
-                                     on_step=lambda i, loss: bar.update(1), diagnostics=True,
-                                     channels_last=train.channels_last, moco=moco)
-        step = result.next_step
-        metrics = {"epoch": epoch, "loss": result.loss, "lr": result.lr, "images_per_second": result.images_per_second,
-                   **{f"neg_{k}": v for k, v in result.diagnostics.items() if not math.isnan(v)}}
-        if epoch % train.knn_every == 0 or epoch == train.epochs:
-            metrics |= evaluate()
-        history.append(metrics)
-        print(epoch_line(metrics, train.epochs), flush=True)
+        with _bar(epoch, train.epochs, recipe.steps_per_epoch) as bar:
+            metrics = recipe.train_epoch(batches, on_step=lambda i, loss: bar.update(1))
+        if recipe.evaluates_after(epoch):
+            metrics = dataclasses.replace(metrics, **evaluate())
+        recipe.record(metrics)
+        print(metrics.line(train.epochs), flush=True)
 
-    final = next(h for h in reversed(history) if "knn_top1" in h)
+    history = [m.flat() for m in recipe.state.history]
+    final = next(m for m in reversed(recipe.state.history) if m.evaluated)
     out = Path(out_dir or Path("outputs") / "local" / train.run_name)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
-    summary = {"knn_top1": final["knn_top1"], "linear_top1": final["linear_top1"],
+    torch.save(recipe.module.state_dict(), out / "model.pt")
+    summary = {"knn_top1": final.knn_top1, "linear_top1": final.linear_top1,
                **{f"initial_{k}": v for k, v in initial.items()}, "epochs": train.epochs,
                "seconds": time.perf_counter() - started, "out_dir": str(out)}
     (out / "result.json").write_text(json.dumps({"config": to_dict(cfg), "history": history, "final": summary},
@@ -124,14 +103,6 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
           f"{initial['knn_top1']:.4f}, {initial['linear_top1']:.4f}) (frozen encoder, {data.source} evaluation set, "
           f"{train.epochs} epochs, {summary['seconds']:.0f} s); saved to {out}")
     return summary
-
-
-def _evaluate(model: torch.nn.Module, cfg: Config, bank: LocalSplit, test: LocalSplit, device: torch.device,
-              workers: int) -> dict[str, float]:
-    size = cfg.data.eval_batch_size
-    return evaluate_encoder(model.encoder, bank.batches(size, workers=workers), test.batches(size, workers=workers),
-                            device=device, k=cfg.train.knn_k, temperature=cfg.train.knn_temperature,
-                            linear_epochs=cfg.train.linear_epochs, seed=cfg.train.seed, **eval_transform(cfg))
 
 
 def _bar(epoch: int, epochs: int, steps: int):

@@ -304,10 +304,10 @@ def _register_best(cfg: Config, best: dict[str, Any], uri: str, parent: str, sta
     from ray.train import Checkpoint
 
     trial_cfg = apply_overrides(cfg, best["values"])
-    model, state = pretrain.load_trained(trial_cfg, Checkpoint(best["checkpoint_path"]))
+    model, state, similarities = pretrain.load_trained(trial_cfg, Checkpoint(best["checkpoint_path"]))
     tags = {"sweep_run_id": parent, "sweep": cfg.tune.name, "trial_id": best["trial_id"],
             **{f"param.{k}": str(v) for k, v in best["values"].items()}}
-    out = pretrain.finish(trial_cfg, model, state, best["run_id"], uri, started,
+    out = pretrain.finish(trial_cfg, model, state, best["run_id"], uri, started, similarities=similarities,
                           aliases=[f"best-{cfg.tune.name}"], version_tags=tags)
     return out["version"]
 

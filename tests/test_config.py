@@ -161,7 +161,7 @@ def test_config_error_survives_pickling_with_its_problems():
 
 
 def test_views_are_made_in_the_trainer_on_gpus_unless_told_otherwise():
-    from pipelines.build import views_in_trainer
+    from sscl.build import views_in_trainer
 
     def where(*overrides):
         return views_in_trainer(load_config(None, list(overrides)))
@@ -171,7 +171,7 @@ def test_views_are_made_in_the_trainer_on_gpus_unless_told_otherwise():
 
 
 def test_step_options_reach_the_model():
-    from pipelines.build import compiled, for_training, model_from_config
+    from sscl.build import compiled, for_training, model_from_config
 
     cfg = load_config(None, ["train.channels_last=true", "train.compile=true", "model.width=0.125"])
     model = for_training(model_from_config(cfg), cfg)

@@ -104,7 +104,7 @@ def test_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint(tmp_path, r
 def test_moco_worker_killed_mid_epoch_resumes_with_the_checkpointed_queue(tmp_path, ray_cluster, monkeypatch):
     from ray.util.state import list_actors
 
-    from pipelines.build import model_from_config
+    from sscl.build import model_from_config
     from pipelines.pretrain import main
     from sscl.moco import queue_digest
     from sscl.tracking import load_registered

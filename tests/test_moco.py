@@ -128,27 +128,27 @@ def test_keys_are_encoded_in_a_random_order_so_split_batchnorm_parts_are_random(
 
 
 def test_a_moco_runs_histogram_is_its_queries_against_the_queue():
-    from pipelines.build import augment_kwargs, model_from_config, momentum_queue
-    from pipelines.worker import HISTOGRAM_VALUES, _similarities
+    from sscl.build import augment_kwargs
     from sscl.config import load_config
     from sscl.data.augment import TwoViewAugment
+    from sscl.recipe import HISTOGRAM_VALUES, Recipe
 
     overrides = ["model.width=0.125", "model.out_dim=16", "loss.n_synthetic=5"]
     images = torch.randint(0, 256, (70, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cfg = load_config("pipelines/configs/quickstart.yaml", [*overrides, "model.method=moco", "model.queue_size=1024"])
-    model = model_from_config(cfg)
-    moco = momentum_queue(cfg, model, total_steps=10)
-    found = _similarities(model, images, cfg, torch.device("cpu"), moco)
+    recipe = Recipe(cfg, steps_per_epoch=1, device=torch.device("cpu"))
+    found = recipe.similarities(images)
     # 64 images, two views: 128 queries; 128 * 1024 similarities to the queue, of which a random 2^16 are kept.
     view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:64])
+    model = recipe.module
     with torch.no_grad():
         model.eval()
         queries = torch.cat([model(view1)[1], model(view2)[1]])
-    every = (queries @ moco.queue.T).flatten()
+    every = (queries @ recipe.moco.queue.T).flatten()
     assert found["real"].shape == (HISTOGRAM_VALUES,) and len(every) == 2 * HISTOGRAM_VALUES
     assert bool(torch.isin(found["real"], every).all())
     assert found["synthetic"].shape == (128 * 5,)
     # The two-view run's histogram: every anchor's 2B - 2 in-batch negatives.
-    two_view = _similarities(model, images, load_config("pipelines/configs/quickstart.yaml", overrides),
-                             torch.device("cpu"))
+    two_view = Recipe(load_config("pipelines/configs/quickstart.yaml", overrides), steps_per_epoch=1,
+                      device=torch.device("cpu")).similarities(images)
     assert two_view["real"].shape == (128 * 126,) and two_view["synthetic"].shape == (128 * 5,)

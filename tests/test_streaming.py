@@ -126,7 +126,7 @@ def test_decoding_on_the_device_with_two_workers_reads_pngs_and_skips_a_corrupt_
 
 
 def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_path, ray_cluster, monkeypatch):
-    from pipelines.build import eval_transform
+    from sscl.build import eval_transform
     from pipelines.pretrain import load_trained, main
     from sscl.data.sources import build_dataset
     from sscl.evaluate import extract_features, knn_top1, linear_probe_top1
