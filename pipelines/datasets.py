@@ -3,9 +3,10 @@ the evaluation sets, and how Ray Train shards them across the workers."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from sscl.build import augment_kwargs, decodes_on_device, views_in_trainer
+from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
 from sscl.data.sources import BadImages, build_dataset
@@ -53,7 +54,7 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
 
 def train_stream(cfg: Config, pretrain):
     """Two fresh views per image every epoch, made in the Ray Data tasks that decode the images
-    unless made on the training device; with ``data.decode=device``, the encoded images themselves.
+    unless made on the training device; with ``placement.decode=device``, the encoded images themselves.
 
     No global shuffle (an all-to-all barrier that would read the whole dataset before the first
     batch): the files are read in a new seeded order each epoch and the workers shuffle locally.
@@ -67,8 +68,8 @@ def train_stream(cfg: Config, pretrain):
         # Plain tasks, fused with decoding, scale with the cluster's free CPUs; a fixed actor pool
         # caps decoding at its size (on 2 cores both give ~800 img/s: `benchmark ingest`).
         # Not materialised: Ray Data re-executes the map every epoch, so the views are fresh.
-        tasks = ray.data.TaskPoolStrategy(size=cfg.augment.max_tasks) if cfg.augment.max_tasks else None
-        pretrain = pretrain.map_batches(two_views, fn_kwargs={"augment": augment_kwargs(cfg)}, batch_size=256,
+        tasks = ray.data.TaskPoolStrategy(size=cfg.placement.max_tasks) if cfg.placement.max_tasks else None
+        pretrain = pretrain.map_batches(two_views, fn_kwargs={"augment": dataclasses.asdict(cfg.augment)}, batch_size=256,
                                         batch_format="numpy", compute=tasks)
     return pretrain
 

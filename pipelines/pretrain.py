@@ -272,15 +272,14 @@ def _end_quietly(uri: str, run_id: str, status: str) -> None:
 def settings_line(cfg: Config, n_pretrain: int, uri: str) -> str:
     """The run's key settings, printed once at the start."""
     loss, model, scaling = cfg.loss, cfg.model, cfg.scaling
-    hyper = {"simclr": "", "dcl": f" tau_plus {loss.tau_plus:g}", "hcl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g}",
-             "sscl": f" beta {loss.beta:g} tau_plus {loss.tau_plus:g} n_hard {loss.n_hard} K {loss.n_synthetic} "
-                     f"({loss.mode})"}[loss.name]
+    hyper = "".join(f" {key} {value:g}" if isinstance(value, float) else f" {key} {value}"
+                    for key, value in loss.kwargs().items())  # the keys this loss takes
     device = "GPU" if scaling.use_gpu else "CPU"
     splits = f", BatchNorm in {model.bn_splits} parts" if model.bn_splits > 1 else ""
     moco = f"moco (queue {model.queue_size}, momentum {model.momentum:g}{splits}), " if model.method == "moco" else ""
     logs = f"; logs: {os.path.relpath(console.log_file)}" if console.log_file else ""
     return (f"run {cfg.train.run_name!r}: {cfg.data.source} ({n_pretrain} images), {model.encoder} x{model.width:g}, "
-            f"{moco}loss {loss.name} t {loss.temperature:g}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
+            f"{moco}loss {loss.name}{hyper}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs, "
             f"{scaling.num_workers} {device} worker(s); MLflow {tracking.redact_uri(uri)}{logs}")
 
 

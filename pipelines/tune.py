@@ -117,7 +117,7 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     """
     cpus = cfg.tune.driver_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # Ray Data: at least 1 CPU for its read, decode and augmentation tasks.
-    cpus += max(1, cfg.augment.max_tasks)
+    cpus += max(1, cfg.placement.max_tasks)
     fits = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
     need = f"{cpus:g} CPUs"
     if cfg.scaling.use_gpu:
@@ -125,7 +125,7 @@ def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
         need += f" and {cfg.scaling.num_workers} GPUs"
     if fits < 1:
         raise ValueError(f"one trial needs {need} (tune.driver_cpus + scaling.num_workers x scaling.cpus_per_worker "
-                         f"+ augment.max_tasks or 1 for Ray Data tasks) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
+                         f"+ placement.max_tasks or 1 for Ray Data tasks) but the cluster has {cluster.get('CPU', 0):g} CPUs and "
                          f"{cluster.get('GPU', 0):g} GPUs")
     return cfg.tune.max_concurrent_trials or fits
 

@@ -120,7 +120,7 @@ def _flat(history: list[EpochMetrics]) -> list[dict[str, float]]:
 
 def _epoch_batches(shard: Any, cfg: Config, per_worker: int, device: torch.device, world: int, bad_images: Any):
     """One epoch of this worker's training batches: from Ray Data as made there, or, with
-    ``data.decode=device``, encoded images decoded here on ``device`` (``sscl.data.device_decode``)."""
+    ``placement.decode=device``, encoded images decoded here on ``device`` (``sscl.data.device_decode``)."""
     shuffle = dict(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
                    prefetch_batches=cfg.data.prefetch_batches)
     if not decodes_on_device(cfg):

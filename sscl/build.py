@@ -1,7 +1,8 @@
-"""The config's objects: model, loss, augmentation and evaluation transform, for every pipeline.
+"""The config's objects that need more than one section: the model, the momentum queue, the
+evaluation transform, and where the data path's stages run (``placement``).
 
-The Ray Train workers, Tune trials, ``train_local``, ``evaluate`` and ``registry`` build them here, so
-a key reaches the maths in at most three hops: ``loss.beta`` -> ``loss_from_config`` -> ``sscl_loss``.
+Sections whose fields are one callee's keywords are passed whole where they are used:
+``TwoViewAugment(**asdict(cfg.augment))``, ``get_loss(cfg.loss.name, ..., **cfg.loss.kwargs())``.
 """
 
 from __future__ import annotations
@@ -13,33 +14,14 @@ import torch
 
 from sscl.config import Config
 from sscl.evaluate import extract_features
-from sscl.losses import get_loss
 from sscl.models import build_model
 from sscl.moco import MomentumQueue
-
-
-def augment_kwargs(cfg: Config) -> dict[str, Any]:
-    """``TwoViewAugment`` keywords from the ``augment`` section (same field names)."""
-    a = cfg.augment
-    return dict(crop_size=a.crop_size, crop_scale=tuple(a.crop_scale), flip_p=a.flip_p, jitter_p=a.jitter_p,
-                brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
-                grayscale_p=a.grayscale_p, blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), mean=tuple(a.mean),
-                std=tuple(a.std))
 
 
 def model_from_config(cfg: Config) -> torch.nn.Module:
     m = cfg.model
     return build_model(m.encoder, stem=m.stem, width=m.width, hidden_dim=m.hidden_dim, out_dim=m.out_dim,
                        head_batchnorm=m.head_batchnorm, bn_splits=m.bn_splits)
-
-
-def loss_from_config(cfg: Config, epoch: int = 0):
-    """The loss of ``epoch`` (0-based): moco trains its first ``model.queue_warmup_epochs`` without synthetic
-    negatives, while the queue fills with keys of the trained model."""
-    loss = cfg.loss
-    warming_up = cfg.model.method == "moco" and epoch < cfg.model.queue_warmup_epochs
-    return get_loss(loss.name, cfg.model.method, temperature=loss.temperature, beta=loss.beta, tau_plus=loss.tau_plus,
-                    n_hard=loss.n_hard, n_synthetic=0 if warming_up else loss.n_synthetic, mode=loss.mode)
 
 
 def momentum_queue(cfg: Config, model: torch.nn.Module, total_steps: int) -> MomentumQueue | None:
@@ -71,17 +53,17 @@ def encode(encoder: torch.nn.Module, images: np.ndarray, cfg: Config, device: to
 
 def views_in_trainer(cfg: Config) -> bool:
     """Whether the two views are made inside the training loop on the training device
-    (``augment.where``: trainer, or auto on GPUs or when the images are decoded there) rather than
+    (``placement.views``: trainer, or auto on GPUs or when the images are decoded there) rather than
     in the Ray Data tasks that decode."""
-    return cfg.augment.where == "trainer" or (cfg.augment.where == "auto" and (cfg.scaling.use_gpu or
-                                                                                decodes_on_device(cfg)))
+    views = cfg.placement.views
+    return views == "trainer" or (views == "auto" and (cfg.scaling.use_gpu or decodes_on_device(cfg)))
 
 
 def decodes_on_device(cfg: Config) -> bool:
     """Whether each training worker decodes its batches on its device from the encoded bytes
-    (``data.decode``: device, or auto for image folders on GPUs) rather than the Ray Data tasks."""
-    return cfg.data.decode == "device" or (cfg.data.decode == "auto" and cfg.scaling.use_gpu and
-                                           cfg.data.source == "imagefolder")
+    (``placement.decode``: device, or auto for image folders on GPUs) rather than the Ray Data tasks."""
+    decode = cfg.placement.decode
+    return decode == "device" or (decode == "auto" and cfg.scaling.use_gpu and cfg.data.source == "imagefolder")
 
 
 def for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:

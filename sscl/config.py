@@ -55,10 +55,6 @@ class DataConfig:
     label_column: str = _f("label", "parquet: label column ('' for none)")
     image_size: int = _f(32, "side images are resized to when decoded (imagefolder, parquet, digits)", ge=8,
                         le=8192)
-    decode: str = _f("auto", "imagefolder/parquet training images are decoded by: tasks (the Ray Data tasks, on CPUs) | "
-                     "device (each training worker, on its device: Ray Data ships the encoded bytes as stored; the "
-                     "views are then made there too) | auto (device for imagefolder on GPUs)",
-                     choices=("auto", "tasks", "device"))
     test_fraction: float = _f(0.2, "held-out fraction when the source has no test split and no data.eval_root",
                               gt=0, lt=1)
     skip_corrupt: bool = _f(False, "imagefolder/parquet: skip undecodable images and count them instead of failing")
@@ -69,14 +65,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    where: str = _f("auto", "where the two views are made: ray_data (in the Ray Data tasks that decode, on CPUs) | "
-                    "trainer (inside the training loop, on the training device) | auto (trainer when scaling.use_gpu)",
-                    choices=("auto", "ray_data", "trainer"))
-    max_tasks: int = _f(0, "augment.where=ray_data: Ray Data tasks decoding and augmenting at once (0 = as many as "
+class PlacementConfig:
+    """Where each stage of the data path runs; what it computes does not depend on these."""
+
+    decode: str = _f("auto", "imagefolder/parquet training images are decoded by: tasks (the Ray Data tasks, on CPUs) | "
+                     "device (each training worker, on its device: Ray Data ships the encoded bytes as stored; the "
+                     "views are then made there too) | auto (device for imagefolder on GPUs)",
+                     choices=("auto", "tasks", "device"))
+    views: str = _f("auto", "where the two views are made: ray_data (in the Ray Data tasks that decode, on CPUs) | "
+                    "trainer (inside the training loop, on the training device) | auto (trainer when scaling.use_gpu "
+                    "or when decoding on the device)", choices=("auto", "ray_data", "trainer"))
+    max_tasks: int = _f(0, "placement.views=ray_data: Ray Data tasks decoding and augmenting at once (0 = as many as "
                         "free CPUs allow)", ge=0, le=100_000)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``TwoViewAugment``'s keywords, field for field."""
+
     crop_size: int = _f(32, "output side of the random resized crop", ge=8, le=8192)
-    crop_scale: list[float] = _f([0.08, 1.0], "[min, max] area fraction of the crop")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "[min, max] area fraction of the crop")
     flip_p: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
     jitter_p: float = _f(0.8, "colour jitter probability", ge=0, le=1)
     brightness: float = _f(0.4, "brightness jitter strength", ge=0, le=1)
@@ -85,9 +93,9 @@ class AugmentConfig:
     hue: float = _f(0.1, "hue jitter strength", ge=0, le=0.5)
     grayscale_p: float = _f(0.2, "grayscale probability", ge=0, le=1)
     blur_p: float = _f(0.0, "Gaussian blur probability (STL-10 recipe: 0.5)", ge=0, le=1)
-    blur_sigma: list[float] = _f([0.1, 2.0], "[min, max] blur sigma in pixels")
-    mean: list[float] = _f([0.4914, 0.4822, 0.4465], "per-channel normalisation mean")
-    std: list[float] = _f([0.2023, 0.1994, 0.2010], "per-channel normalisation std")
+    blur_sigma: tuple[float, float] = _f((0.1, 2.0), "[min, max] blur sigma in pixels")
+    mean: tuple[float, float, float] = _f((0.4914, 0.4822, 0.4465), "per-channel normalisation mean")
+    std: tuple[float, float, float] = _f((0.2023, 0.1994, 0.2010), "per-channel normalisation std")
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,12 @@ class LossConfig:
     n_synthetic: int = _f(8, "synthetic negatives per anchor K (sscl); each anchor's K similarities (and their "
                           "parents' indices) are held at once", ge=0, le=16384)
     mode: str = _f("mix", "mix (the paper) | copy (the released code)", choices=("mix", "copy"))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keywords ``name``'s loss function takes, as the registry lists them (``sscl.losses.LOSSES``)."""
+        from sscl.losses import LOSSES  # the registry is the one place that knows each family's keys
+
+        return {key: getattr(self, key) for key in LOSSES[self.name].keys}
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,7 @@ class TuneConfig:
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -309,12 +324,15 @@ def _check_type(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
             return ""
         problems.append(f"{key}={value!r}: must be a string" + (f" (quote it: '{value}')" if isinstance(
             value, (int, float)) else ""))
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, (list, tuple)):
-            items = [_check_type(f"{key}[{i}]", v, item, problems) for i, v in enumerate(value)]
-            return None if any(v is None for v in items) else items
-        problems.append(f"{key}={value!r}: must be a list")
+    elif origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}={value!r}: must be a list of {len(items)}")
+        elif len(value) != len(items):
+            problems.append(f"{key}={list(value)!r}: must have {len(items)} entries, got {len(value)}")
+        else:
+            checked = tuple(_check_type(f"{key}[{i}]", v, t, problems) for i, (v, t) in enumerate(zip(value, items)))
+            return None if any(v is None for v in checked) else checked
     else:  # pragma: no cover - every field uses one of the types above
         raise TypeError(f"unsupported config type {hint} for {key}")
     return None
@@ -333,8 +351,13 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], problems: list[s
             return
 
 
-# Keys that changed name: old key -> (new key, old value -> new value).
-RENAMED = {"augment.device": ("augment.where", {"cpu": "ray_data", "gpu": "trainer"})}
+# Keys that changed name: old key -> (new key, old value -> new value; None: the same values).
+RENAMED: dict[str, tuple[str, dict[str, str] | None]] = {
+    "augment.device": ("placement.views", {"cpu": "ray_data", "gpu": "trainer"}),
+    "augment.where": ("placement.views", None),
+    "augment.max_tasks": ("placement.max_tasks", None),
+    "data.decode": ("placement.decode", None),
+}
 
 
 def _unknown(kind: str, prefix: str, key: str, valid: Iterable[str]) -> str:
@@ -343,6 +366,15 @@ def _unknown(kind: str, prefix: str, key: str, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid {kind}s: {', '.join(valid)}"
     return f"{prefix}{key}: unknown {kind}{hint}"
+
+
+def _renamed(old: str, value: Any) -> str:
+    new_key, values_map = RENAMED[old]
+    if values_map is None:
+        return f"{old}: renamed; use {new_key}={value}"
+    if str(value) in values_map:
+        return f"{old}={value!r}: renamed; use {new_key}={values_map[str(value)]}"
+    return f"{old}: renamed to {new_key} ({'; '.join(f'{a} -> {b}' for a, b in values_map.items())})"
 
 
 def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: list[str]) -> Any:
@@ -354,10 +386,7 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], problems: li
             problems.append(f"{name}.{key!r}: keys must be names (e.g. {name}.{next(iter(fields))}), got {key!r}")
             continue
         if f"{name}.{key}" in RENAMED:
-            new_key, values_map = RENAMED[f"{name}.{key}"]
-            mapped = values_map.get(str(value), "; ".join(f"{a} -> {b}" for a, b in values_map.items()))
-            problems.append(f"{name}.{key}={value!r}: renamed; use {new_key}={mapped}" if str(value) in values_map
-                            else f"{name}.{key}: renamed to {new_key} ({mapped})")
+            problems.append(_renamed(f"{name}.{key}", value))
             continue
         if key not in fields:
             problems.append(_unknown("key", f"{name}.", key, fields))
@@ -373,12 +402,9 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     """Constraints between fields, checked after each field is valid on its own."""
     pairs = [("augment.crop_scale", cfg.augment.crop_scale, (0, 1)), ("augment.blur_sigma", cfg.augment.blur_sigma, (0, None))]
     for key, value, (lo, hi) in pairs:
-        if len(value) != 2 or not (lo < value[0] <= value[1]) or (hi is not None and value[1] > hi):
+        if not (lo < value[0] <= value[1]) or (hi is not None and value[1] > hi):
             upper = f" <= {hi}" if hi is not None else ""
             problems.append(f"{key}={value!r}: must be [min, max] with {lo} < min <= max{upper}")
-    for key, value in (("augment.mean", cfg.augment.mean), ("augment.std", cfg.augment.std)):
-        if len(value) != 3:
-            problems.append(f"{key}={value!r}: must have 3 entries (one per channel)")
     if any(s <= 0 for s in cfg.augment.std):
         problems.append(f"augment.std={cfg.augment.std!r}: every entry must be > 0")
     per_worker = cfg.data.batch_size // cfg.scaling.num_workers
@@ -414,12 +440,12 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.augment.crop_size > decoded:
         problems.append(f"augment.crop_size={cfg.augment.crop_size}: larger than the decoded images ({decoded} px, "
                         f"{size_key}); crops would only be upsampled: lower it or raise data.image_size")
-    if cfg.data.decode == "device" and cfg.data.source not in ("imagefolder", "parquet"):
-        problems.append(f"data.decode=device: {cfg.data.source} images are not stored encoded (only imagefolder and "
-                        "parquet are); use data.decode=tasks or auto")
-    if cfg.data.decode == "device" and cfg.augment.where == "ray_data":
-        problems.append("augment.where=ray_data: with data.decode=device the images exist only on the training device, "
-                        "where the views must be made too: use augment.where=trainer or auto")
+    if cfg.placement.decode == "device" and cfg.data.source not in ("imagefolder", "parquet"):
+        problems.append(f"placement.decode=device: {cfg.data.source} images are not stored encoded (only imagefolder "
+                        "and parquet are); use placement.decode=tasks or auto")
+    if cfg.placement.decode == "device" and cfg.placement.views == "ray_data":
+        problems.append("placement.views=ray_data: with placement.decode=device the images exist only on the training "
+                        "device, where the views must be made too: use placement.views=trainer or auto")
     if cfg.data.source == "parquet" and not cfg.data.image_column.strip():
         problems.append("data.image_column='': the parquet source needs the column of encoded images")
     name = cfg.train.run_name
@@ -440,6 +466,15 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
                         f"({cfg.data.source} has its own test split)")
     if cfg.data.source in ("imagefolder", "parquet") and not cfg.data.root:
         problems.append(f"data.root='': the {cfg.data.source} source needs a path")
+
+
+def _check_loss_keys(loss: LossConfig, given: Iterable[str], problems: list[str]) -> None:
+    takes = loss.kwargs()
+    for key in dict.fromkeys(given):
+        section, _, name = key.partition(".")
+        if section == "loss" and name != "name" and name not in takes:
+            problems.append(f"{key}: loss.name={loss.name} does not take {name} (it takes "
+                            f"{', '.join(takes)}); drop the key or choose a loss that uses it")
 
 
 _FIXED_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
@@ -508,15 +543,22 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
         tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    preset = tree.get("loss")
+    preset_keys = [f"loss.{k}" for k in preset if isinstance(k, str)] if isinstance(preset, dict) else []
+    override_keys = []
     for text in overrides:  # in order: a later override of a key wins, as a wrapper script's own arguments should
         parsed = _parse_override(text, problems)
         if parsed:
             _set_dotted(tree, *parsed, problems)
-    return _from_tree(tree, problems)
+            override_keys.append(parsed[0])
+    # Keys the chosen loss must take: the command line's, and the preset's unless the command line picks the loss.
+    given = override_keys if "loss.name" in override_keys else [*preset_keys, *override_keys]
+    return _from_tree(tree, problems, given)
 
 
-def _from_tree(tree: Mapping[str, Any], problems: list[str]) -> Config:
-    """Builds and validates a ``Config`` from nested dicts; raises ``ConfigError`` with every problem."""
+def _from_tree(tree: Mapping[str, Any], problems: list[str], given: Iterable[str] = ()) -> Config:
+    """Builds and validates a ``Config`` from nested dicts; raises ``ConfigError`` with every problem.
+    ``given``: the dotted keys set explicitly, of which the loss's must be keys its family takes."""
     sections = _sections()
     built = {}
     for name, values in tree.items():
@@ -531,6 +573,7 @@ def _from_tree(tree: Mapping[str, Any], problems: list[str]) -> Config:
     cfg = Config(**built)
     if not problems:
         _cross_checks(cfg, problems)
+        _check_loss_keys(cfg.loss, given, problems)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -552,7 +595,7 @@ def apply_overrides(cfg: Config, values: Mapping[str, Any]) -> Config:
         if hint is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         _set_dotted(tree, key, value, problems)
-    return _from_tree(tree, problems)
+    return _from_tree(tree, problems, given=values)
 
 
 def field_info(key: str) -> tuple[Any, Mapping[str, Any]]:
@@ -572,14 +615,18 @@ def field_info(key: str) -> tuple[Any, Mapping[str, Any]]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as nested plain dicts (for YAML, Ray and MLflow)."""
-    return dataclasses.asdict(cfg)
+    """The config as nested plain dicts and lists (for YAML, Ray and MLflow)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in items})
 
 
 def from_dict(tree: Mapping[str, Any]) -> Config:
-    """Rebuilds a ``Config`` from ``to_dict`` output (e.g. inside a Ray worker)."""
-    sections = _sections()
-    return Config(**{name: sections[name](**values) for name, values in tree.items()})
+    """Rebuilds a ``Config`` from ``to_dict`` output (e.g. inside a Ray worker).
+
+    Raises:
+        ConfigError: when the tree is not a valid config (e.g. written by another version).
+    """
+    return _from_tree(dict(tree), [])
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -604,7 +651,8 @@ def describe_keys() -> str:
 # long it goes on, not what it computes. ``train.epochs`` may only grow (the cosine is stretched from
 # the resumed step on). Every other key must keep its recorded value.
 RESUMABLE_KEYS = ("train.epochs", "train.max_failures", "train.checkpoint_every", "train.knn_every",
-                  "data.prefetch_batches", "data.eval_batch_size", "data.decode", "augment.max_tasks",
+                  "data.prefetch_batches", "data.eval_batch_size", "placement.decode", "placement.views",
+                  "placement.max_tasks",
                   "scaling.cpus_per_worker",
                   "tracking.uri", "tracking.register", "tracking.model_name")
 

@@ -19,12 +19,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from sscl.build import (augment_kwargs, compiled, eval_transform, for_training, loss_from_config, model_from_config,
-                        momentum_queue)
+from sscl.build import compiled, eval_transform, for_training, model_from_config, momentum_queue
 from sscl.config import Config
 from sscl.data.augment import TwoViewAugment
 from sscl.evaluate import evaluate_encoder
-from sscl.losses import negative_similarities, queue_negative_similarities
+from sscl.losses import get_loss, negative_similarities, queue_negative_similarities
 from sscl.train import build_optimizer, lr_at, train_one_epoch
 
 __all__ = ["EpochMetrics", "HISTOGRAM_VALUES", "Recipe", "TrainingState"]
@@ -173,7 +172,7 @@ class Recipe:
         self.moco = momentum_queue(cfg, self.module, self.total_steps)  # None for simclr; rank 0's weights under DDP
         self.step_model = compiled(self.model, cfg)  # what trains
         self.rank = rank
-        self.views = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed) if views_here else None
+        self.views = TwoViewAugment(**dataclasses.asdict(cfg.augment), seed=cfg.train.seed) if views_here else None
         self.state = TrainingState()
 
     @property
@@ -216,7 +215,7 @@ class Recipe:
         if self.views is not None:
             self.views.generator.manual_seed(seed)
         result = train_one_epoch(
-            self.step_model, batches, loss_from_config(cfg, self.state.epoch), self.optimizer, lr_schedule=self.lr_at,
+            self.step_model, batches, self.loss_of(self.state.epoch), self.optimizer, lr_schedule=self.lr_at,
             start_step=self.state.step, device=self.device, augment=self.views.views if self.views else None,
             amp=cfg.train.amp and self.device.type == "cuda", max_steps=self.steps_per_epoch, on_step=on_step,
             diagnostics=True, channels_last=cfg.train.channels_last, moco=self.moco)
@@ -224,6 +223,14 @@ class Recipe:
         return EpochMetrics(epoch=self.state.epoch, loss=result.loss, lr=result.lr,
                             images_per_second=result.images_per_second * self.world,
                             negatives={k: v for k, v in result.diagnostics.items() if not math.isnan(v)})
+
+    def loss_of(self, epoch: int) -> Callable[..., torch.Tensor]:
+        """The loss of ``epoch`` (0-based): moco trains its first ``model.queue_warmup_epochs`` without
+        synthetic negatives, while the queue fills with keys of the trained model."""
+        loss = self.cfg.loss
+        if self.cfg.model.method == "moco" and epoch < self.cfg.model.queue_warmup_epochs and loss.name == "sscl":
+            loss = dataclasses.replace(loss, n_synthetic=0)
+        return get_loss(loss.name, self.cfg.model.method, **loss.kwargs())
 
     def record(self, metrics: EpochMetrics) -> None:
         self.state.history.append(metrics)
@@ -278,18 +285,19 @@ class Recipe:
         n = int(n.item())
         if n < 2:
             return None
-        view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:n].to(device))
+        view1, view2 = TwoViewAugment(**dataclasses.asdict(cfg.augment), seed=cfg.train.seed).views(images[:n].to(device))
         was_training = self.module.training
         self.module.eval()
         z1, z2 = self.module(view1)[1].float(), self.module(view2)[1].float()
         self.module.train(was_training)
-        n_syn = cfg.loss.n_synthetic if cfg.loss.name == "sscl" else 0
+        # The loss's own synthetic negatives (none but sscl's), drawn as it draws them.
+        mixing = {"n_hard": 1, "n_synthetic": 0, "mode": "mix"} | {
+            k: v for k, v in cfg.loss.kwargs().items() if k in ("n_hard", "n_synthetic", "mode")}
         if self.moco is not None:
             generator = torch.Generator(device).manual_seed(cfg.train.seed)
-            real, synthetic = queue_negative_similarities(torch.cat([z1, z2]), self.moco.queue, n_hard=cfg.loss.n_hard,
-                                                          n_synthetic=n_syn, mode=cfg.loss.mode, generator=generator)
+            real, synthetic = queue_negative_similarities(torch.cat([z1, z2]), self.moco.queue, **mixing,
+                                                          generator=generator)
             sample = torch.randperm(len(real), generator=generator, device=device)[:HISTOGRAM_VALUES]
             return {"real": real[sample].cpu(), "synthetic": synthetic.cpu()}
-        real, synthetic = negative_similarities(z1, z2, n_hard=min(cfg.loss.n_hard, 2 * n * world - 2),
-                                                n_synthetic=n_syn, mode=cfg.loss.mode)
+        real, synthetic = negative_similarities(z1, z2, **(mixing | {"n_hard": min(mixing["n_hard"], 2 * n * world - 2)}))
         return {"real": real.cpu(), "synthetic": synthetic.cpu()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from sscl.config import Config, ConfigError, describe_keys, flatten, from_dict, load_config, to_dict
@@ -34,7 +35,7 @@ def test_overrides_apply_over_the_preset_with_yaml_values(tmp_path):
     preset.write_text("loss: {temperature: 0.5}\naugment: {crop_scale: [0.2, 1.0]}\n")
     cfg = load_config(preset, ["loss.temperature=0.2", "augment.crop_scale=[0.3, 0.9]", "scaling.use_gpu=true",
                                "loss.beta=2"])
-    assert cfg.loss.temperature == 0.2 and cfg.augment.crop_scale == [0.3, 0.9] and cfg.scaling.use_gpu is True
+    assert cfg.loss.temperature == 0.2 and cfg.augment.crop_scale == (0.3, 0.9) and cfg.scaling.use_gpu is True
     assert cfg.loss.beta == 2.0 and isinstance(cfg.loss.beta, float)
     assert cfg.model == Config().model  # untouched sections keep their defaults
 
@@ -80,10 +81,15 @@ MALFORMED = [
     ("augment.flip_p=1.5", "augment.flip_p", "<= 1"),
     ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale", "min <= max"),
     ("augment.std=[0.2, 0.0, 0.2]", "augment.std", "> 0"),
-    ("augment.mean=[0.5]", "augment.mean", "3 entries"),
-    ("augment.where=tpu", "augment.where", "auto, ray_data, trainer"),
-    ("augment.device=gpu", "augment.device='gpu': renamed; use augment.where=trainer", ""),
-    ("augment.device=cpu", "augment.device='cpu': renamed; use augment.where=ray_data", ""),
+    ("augment.mean=[0.5]", "augment.mean=[0.5]: must have 3 entries, got 1", ""),
+    ("augment.crop_scale=0.5", "augment.crop_scale=0.5: must be a list of 2", ""),
+    ("augment.blur_sigma=[0.1, x]", "augment.blur_sigma[1]='x'", "finite number"),
+    ("augment.where=trainer", "augment.where: renamed; use placement.views=trainer", ""),
+    ("augment.max_tasks=3", "augment.max_tasks: renamed; use placement.max_tasks=3", ""),
+    ("data.decode=device", "data.decode: renamed; use placement.decode=device", ""),
+    ("placement.views=tpu", "placement.views", "auto, ray_data, trainer"),
+    ("augment.device=gpu", "augment.device='gpu': renamed; use placement.views=trainer", ""),
+    ("augment.device=cpu", "augment.device='cpu': renamed; use placement.views=ray_data", ""),
     ("lossy.temperature=1", "lossy", "did you mean loss"),
     ("temperature=1", "temperature", "section.key=value"),
     ("loss.temperature", "loss.temperature", "key=value"),
@@ -167,7 +173,7 @@ def test_views_are_made_in_the_trainer_on_gpus_unless_told_otherwise():
         return views_in_trainer(load_config(None, list(overrides)))
 
     assert not where() and where("scaling.use_gpu=true")  # auto
-    assert where("augment.where=trainer") and not where("augment.where=ray_data", "scaling.use_gpu=true")
+    assert where("placement.views=trainer") and not where("placement.views=ray_data", "scaling.use_gpu=true")
 
 
 def test_step_options_reach_the_model():
@@ -232,3 +238,32 @@ def test_values_that_can_only_be_mistakes_are_refused(overrides, named):
 
 def test_a_whole_run_of_warm_up_is_allowed_for_one_epoch_only():
     assert load_config(None, ["train.epochs=1", "optim.warmup_epochs=1"]).optim.warmup_epochs == 1
+
+
+def test_a_loss_key_its_family_does_not_take_is_an_error_where_it_is_given(tmp_path):
+    from sscl.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=r"loss.beta: loss.name=simclr does not take beta \(it takes temperature\)"):
+        load_config(None, ["loss.name=simclr", "loss.beta=2"])
+    # The preset's sscl keys do not bind a loss chosen on the command line; the loss's own keys are what it gets.
+    hcl = load_config("pipelines/configs/quickstart.yaml", ["loss.name=hcl"])
+    assert hcl.loss.kwargs() == {"temperature": 0.2, "beta": 1.0, "tau_plus": 0.1}
+    with pytest.raises(ConfigError, match="loss.n_hard: loss.name=hcl does not take n_hard"):
+        load_config("pipelines/configs/quickstart.yaml", ["loss.name=hcl", "loss.n_hard=4"])
+    preset = tmp_path / "dcl.yaml"
+    preset.write_text("loss: {name: dcl, temperature: 0.5, beta: 2.0}\n")
+    with pytest.raises(ConfigError, match="loss.beta: loss.name=dcl does not take beta"):
+        load_config(preset)
+    with pytest.raises(ConfigError, match="loss.mode: loss.name=simclr does not take mode"):
+        apply_overrides(load_config(None, ["loss.name=simclr"]), {"loss.mode": "copy"})
+
+
+def test_tuple_keys_are_tuples_in_the_config_and_lists_outside():
+    from sscl.config import flatten, from_dict, to_dict
+
+    cfg = load_config("pipelines/configs/quickstart.yaml", ["augment.blur_sigma=[0.5, 1]"])
+    assert cfg.augment.crop_scale == (0.4, 1.0) and cfg.augment.blur_sigma == (0.5, 1.0)
+    tree = to_dict(cfg)
+    assert tree["augment"]["crop_scale"] == [0.4, 1.0] and yaml.safe_load(yaml.safe_dump(tree)) == tree
+    assert from_dict(tree) == cfg
+    assert flatten(cfg)["augment.mean"] == [0.4914, 0.4822, 0.4465]  # recorded params keep their text

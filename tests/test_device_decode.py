@@ -1,4 +1,4 @@
-"""Decoding on the training device (data.decode=device), run on the CPU: the task path's images
+"""Decoding on the training device (placement.decode=device), run on the CPU: the task path's images
 within one grey level, its errors word for word, its skips, and other formats through its decoder."""
 
 from __future__ import annotations
@@ -103,5 +103,5 @@ def test_the_task_side_passes_encoded_bytes_on_and_refuses_arrays():
     data, where = corrupt_batch()
     out = Decoder(32, skip_corrupt=False, encoded=True).decode(data, [1, 2, 3, 4], where)
     assert list(out["bytes"]) == data and out["label"].tolist() == [1, 2, 3, 4] and list(out["where"]) == where
-    with pytest.raises(DataError, match="row 7 is an array, not encoded bytes: set data.decode=tasks"):
+    with pytest.raises(DataError, match="row 7 is an array, not encoded bytes: set placement.decode=tasks"):
         Decoder(32, skip_corrupt=False, encoded=True).decode([np.zeros((4, 4, 3))], [0], ["row 7"])

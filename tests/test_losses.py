@@ -327,8 +327,12 @@ def test_diagnostics_hardest_real_and_synthetic_mean_by_hand():
 
 def test_get_loss_registry():
     z1, z2 = views(4)
-    fn = get_loss("dcl", temperature=0.5, beta=3.0, tau_plus=0.1, n_hard=2, n_synthetic=0, mode="mix")
+    fn = get_loss("dcl", temperature=0.5, tau_plus=0.1)
     torch.testing.assert_close(fn(z1, z2), dcl_loss(z1, z2, temperature=0.5, tau_plus=0.1), **TOL)
+    with pytest.raises(ValueError, match="loss 'dcl' takes temperature, tau_plus; does not take beta, n_hard"):
+        get_loss("dcl", temperature=0.5, tau_plus=0.1, beta=3.0, n_hard=2)
+    with pytest.raises(ValueError, match="takes temperature, beta, tau_plus; missing beta"):
+        get_loss("hcl", temperature=0.5, tau_plus=0.1)
     with pytest.raises(ValueError, match="simclr, dcl, hcl, sscl"):
         get_loss("moco", temperature=0.5)
 

@@ -128,7 +128,8 @@ def test_keys_are_encoded_in_a_random_order_so_split_batchnorm_parts_are_random(
 
 
 def test_a_moco_runs_histogram_is_its_queries_against_the_queue():
-    from sscl.build import augment_kwargs
+    import dataclasses
+
     from sscl.config import load_config
     from sscl.data.augment import TwoViewAugment
     from sscl.recipe import HISTOGRAM_VALUES, Recipe
@@ -139,7 +140,7 @@ def test_a_moco_runs_histogram_is_its_queries_against_the_queue():
     recipe = Recipe(cfg, steps_per_epoch=1, device=torch.device("cpu"))
     found = recipe.similarities(images)
     # 64 images, two views: 128 queries; 128 * 1024 similarities to the queue, of which a random 2^16 are kept.
-    view1, view2 = TwoViewAugment(**augment_kwargs(cfg), seed=cfg.train.seed).views(images[:64])
+    view1, view2 = TwoViewAugment(**dataclasses.asdict(cfg.augment), seed=cfg.train.seed).views(images[:64])
     model = recipe.module
     with torch.no_grad():
         model.eval()

@@ -58,7 +58,8 @@ def client(trained, monkeypatch):
 def test_console_shows_settings_progress_and_result_without_ray_internals(trained):
     # Also the raylet's notices (on 2 cores: "N PYTHON worker processes have been started") are logged only.
     ours = (trained.console.stdout + trained.console.stderr).splitlines()
-    assert ours[0].startswith("run 'quickstart': digits (1438 images), resnet18 x0.125, loss sscl t 0.2")
+    assert ours[0].startswith("run 'quickstart': digits (1438 images), resnet18 x0.125, loss sscl temperature 0.2 "
+                              "beta 1 tau_plus 0.1 n_hard 32 n_synthetic 8 mode mix, batch 64")
     assert "logs: logs/pretrain-" in ours[0] and any((trained.tmp / "logs").glob("pretrain-*.log"))
     assert ours[1].startswith("before training: knn_top1")
     assert [line.split("  loss")[0] for line in ours if line.startswith("epoch") and "steps" not in line] == [
@@ -169,9 +170,9 @@ def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_ser
     from pipelines.pretrain import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    # Also covers augment.where=trainer: views made inside the training loop (here on the CPU device).
+    # Also covers placement.views=trainer: views made inside the training loop (here on the CPU device).
     result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model",
-                            "augment.where=trainer"))
+                            "placement.views=trainer"))
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result["run_id"])
     assert run.data.params["train.run_name"] == "server-run" and "final_knn_top1" in run.data.metrics

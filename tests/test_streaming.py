@@ -106,7 +106,7 @@ def test_skip_corrupt_skips_and_logs_the_count(tmp_path, ray_cluster, monkeypatc
 
 def test_decoding_on_the_device_with_two_workers_reads_pngs_and_skips_a_corrupt_jpeg(tmp_path, ray_cluster,
                                                                                      monkeypatch):
-    """data.decode=device: the training stream carries the encoded bytes; both workers decode their
+    """placement.decode=device: the training stream carries the encoded bytes; both workers decode their
     batches (JPEGs batched, PNGs by the task path's decoder) and skip the same file by the same name."""
     from PIL import Image
 
@@ -118,7 +118,7 @@ def test_decoding_on_the_device_with_two_workers_reads_pngs_and_skips_a_corrupt_
     for jpeg in sorted((root / "class_0").glob("*.jpg"))[:10]:
         Image.open(jpeg).save(jpeg.with_suffix(".png"))
         jpeg.unlink()
-    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "data.decode=device", "augment.where=trainer",
+    cfg = load_config(QUICKSTART, folder_overrides(tmp_path, root, "placement.decode=device", "placement.views=trainer",
                                                    "data.skip_corrupt=true", "train.run_name=on-device"))
     assert build_datasets(cfg)[0]["train"].schema().names == ["bytes", "where"]
     result = main(cfg)

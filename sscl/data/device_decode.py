@@ -1,4 +1,4 @@
-"""Decoding on the training device (``data.decode=device``): Ray Data ships the encoded bytes as
+"""Decoding on the training device (``placement.decode=device``): Ray Data ships the encoded bytes as
 stored, and each training worker decodes its own batch where it trains.
 
 JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on the batch's device (nvJPEG on CUDA,

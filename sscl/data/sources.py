@@ -173,7 +173,7 @@ class Decoder:
         skip_corrupt: skip undecodable images instead of failing.
         bad_images: a ``BadImages`` actor handle told of each skipped image or failure, or None.
         encoded: pass the encoded bytes on as stored (``bytes``, ``label``, ``where`` columns), for
-            decoding on the training device (``data.decode=device``, ``sscl.data.device_decode``).
+            decoding on the training device (``placement.decode=device``, ``sscl.data.device_decode``).
     """
 
     size: int
@@ -209,9 +209,9 @@ class Decoder:
         encoded = np.empty(len(values), dtype=object)
         for i, (value, name) in enumerate(zip(values, where)):
             if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise DataError(f"data.decode=device ships encoded images as stored, but {name} is "
+                raise DataError(f"placement.decode=device ships encoded images as stored, but {name} is "
                                 f"{'empty (null)' if value is None else 'an array, not encoded bytes'}: set "
-                                "data.decode=tasks")
+                                "placement.decode=tasks")
             encoded[i] = bytes(value)
         return {"bytes": encoded, "label": np.asarray(labels, dtype=np.int64), "where": np.asarray(where, dtype=object)}
 
@@ -723,7 +723,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         seed: file-based pretraining sources: seeds the file order, a new order each epoch and the
             same sequence of orders after a restart; None keeps the listing order.
         bad_images: a ``BadImages`` actor handle told of every undecodable image.
-        encoded: pass image folders' and Parquet's encoded images on undecoded (``data.decode=device``).
+        encoded: pass image folders' and Parquet's encoded images on undecoded (``placement.decode=device``).
 
     Raises:
         FileNotFoundError: naming a missing root or file, or a folder without images.

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -15,20 +15,27 @@ from sscl.losses.queue import moco_loss, queue_negative_similarities
 from sscl.losses.two_view import (LossDiagnostics, Mixing, dcl_loss, draw_mixing, hcl_loss, negative_similarities,
                                   nt_xent, sscl_loss, world_and_rank)
 
-__all__ = ["LOSSES", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
+__all__ = ["LOSSES", "Family", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
            "negative_similarities", "nt_xent", "queue_negative_similarities", "sscl_loss", "world_and_rank"]
 
-# Name -> (function, the hyperparameters it takes). Config field names equal these keywords.
-LOSSES: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
-    "simclr": (nt_xent, ("temperature",)),
-    "dcl": (dcl_loss, ("temperature", "tau_plus")),
-    "hcl": (hcl_loss, ("temperature", "beta", "tau_plus")),
-    "sscl": (sscl_loss, ("temperature", "beta", "tau_plus", "n_hard", "n_synthetic", "mode")),
+class Family(NamedTuple):
+    """A loss family: its two-view function and the hyperparameters it takes (its keywords, which are
+    also the ``loss`` config section's field names)."""
+
+    fn: Callable[..., torch.Tensor]
+    keys: tuple[str, ...]
+
+
+LOSSES: dict[str, Family] = {
+    "simclr": Family(nt_xent, ("temperature",)),
+    "dcl": Family(dcl_loss, ("temperature", "tau_plus")),
+    "hcl": Family(hcl_loss, ("temperature", "beta", "tau_plus")),
+    "sscl": Family(sscl_loss, ("temperature", "beta", "tau_plus", "n_hard", "n_synthetic", "mode")),
 }
 
 
 def get_loss(name: str, method: str = "simclr", **hyper: object) -> Callable[..., torch.Tensor]:
-    """Binds loss family ``name`` (one of ``LOSSES``) to its keywords among ``hyper``, ignoring the others.
+    """Binds loss family ``name`` (one of ``LOSSES``) to its keywords ``hyper`` (``LossConfig.kwargs()``).
 
     ``method="simclr"``: the two-view loss; ``method="moco"``: :func:`moco_loss` with the family's
     keywords (simclr: InfoNCE; dcl, hcl: K = 0; sscl: all).
@@ -38,14 +45,16 @@ def get_loss(name: str, method: str = "simclr", **hyper: object) -> Callable[...
         through (e.g. ``return_diagnostics=True``).
 
     Raises:
-        ValueError: on an unknown name or method, listing the valid ones, or a missing hyperparameter.
+        ValueError: on an unknown name or method, listing the valid ones, or a missing hyperparameter or
+            one the family does not take.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     if method not in ("simclr", "moco"):
         raise ValueError(f"unknown method {method!r}; valid: simclr, moco")
     fn, keys = LOSSES[name]
-    missing = [k for k in keys if k not in hyper]
-    if missing:
-        raise ValueError(f"loss {name!r} needs {', '.join(missing)}")
-    return functools.partial(moco_loss if method == "moco" else fn, **{k: hyper[k] for k in keys})
+    missing, extra = [k for k in keys if k not in hyper], [k for k in hyper if k not in keys]
+    if missing or extra:
+        raise ValueError(f"loss {name!r} takes {', '.join(keys)}" + (f"; missing {', '.join(missing)}" if missing else "")
+                         + (f"; does not take {', '.join(extra)}" if extra else ""))
+    return functools.partial(moco_loss if method == "moco" else fn, **hyper)
