@@ -4,13 +4,16 @@ the evaluation sets, and how Ray Train shards them across the workers."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
 from sscl.data.sources import BadImages, build_dataset
 from sscl.evaluate import check_bank
+
+if TYPE_CHECKING:
+    import ray.train
 
 EVAL_DATASETS = ("eval_train", "eval_test")
 
@@ -74,23 +77,30 @@ def train_stream(cfg: Config, pretrain):
     return pretrain
 
 
-def data_config():
+def data_config() -> ray.train.DataConfig:
     """Ray Train's dataset sharding: the training set split equally (every DDP worker takes the
     same number of steps), the evaluation sets split exactly (every image evaluated once)."""
+    import copy
+
     import ray.train
 
     class ExactEvalSplit(ray.train.DataConfig):
+        # Built with DataConfig's defaults: shard locality on and no execution_options, so every shard
+        # gets default_ingest_options(), as Ray's configure gives the training set. Ray keeps both settings
+        # in private attributes; the evaluation split relies on the defaults instead of reading them.
+
         # Ray Train configures one dataset per call, when the workers first ask for its shard.
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                      worker_node_ids: list[str] | None, **kwargs: Any) -> list[dict[str, Any]]:
             exact = {k: v for k, v in datasets.items() if k in EVAL_DATASETS}
             output = super().configure({k: v for k, v in datasets.items() if k not in exact}, world_size,
                                        worker_handles, worker_node_ids, **kwargs)
-            hints = worker_node_ids if self._enable_shard_locality else None
             for name, ds in exact.items():
                 ds = ds.copy(ds)
                 ds.set_name(name)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                # A copy, as Ray's configure makes: a shard's options must not alias the driver's context.
+                ds.context.execution_options = copy.deepcopy(self.default_ingest_options())
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
                     output[i][name] = split
             return output
 

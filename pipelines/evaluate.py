@@ -32,10 +32,10 @@ def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True
     Raises:
         ValueError: naming the model when the registry does not have it.
     """
-    from sscl import tracking
+    from sscl import model_registry, tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri) if resolve else tracking_uri
-    return tracking.load_registered(uri, model_uri)
+    return model_registry.load_registered(uri, model_uri)
 
 
 def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds,
@@ -61,13 +61,13 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
 
     from pipelines.datasets import use_data_settings
     from pipelines.ray_checks import init_ray
-    from sscl import tracking
+    from sscl import model_registry, tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_store_exists(uri)  # read-only: never create a store
     check_roots(cfg.data)
     load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
-    image_size = tracking.registered_image_size(uri, model_uri)  # the size its export was traced for
+    image_size = model_registry.registered_image_size(uri, model_uri)  # the size its export was traced for
     init_ray(dashboard=False)
     use_data_settings()
     train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset

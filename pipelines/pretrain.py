@@ -308,8 +308,9 @@ def finish(cfg: Config, model: torch.nn.Module, state: TrainingState, run_id: st
         print(f"logged {pending} epoch(s) of metrics that were pending while MLflow was unreachable")
     champion = False
     if version is not None:
-        tracking.label_version(name, version, aliases=aliases, tags=version_tags)
-        champion = tracking.promote_if_better(name, version, knn_top1=final["final_knn_top1"], dataset=cfg.data.source)
+        tracking.label_version(uri, name, version, aliases=aliases, tags=version_tags)
+        champion = tracking.promote_if_better(uri, name, version, knn_top1=final["final_knn_top1"],
+                                              dataset=cfg.data.source)
     out = {**final, **initial, "run_id": run_id, "model_name": name, "version": version, "champion": champion,
            "seconds": time.perf_counter() - started, "epochs": len(state.history),
            "skipped_images": state.history[-1].skipped_images or 0}

@@ -36,37 +36,38 @@ def _uri(tracking_uri: str) -> str:
 
 def list_versions(name: str | None = None, tracking_uri: str = "") -> list[dict[str, Any]]:
     """Every version of every registered model (or of ``name``), newest first."""
-    from sscl import tracking
+    from sscl import model_registry
 
-    return tracking.list_versions(_uri(tracking_uri), name)
+    return model_registry.list_versions(_uri(tracking_uri), name)
 
 
 def show(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """One version, resolved from ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, with its run."""
-    from sscl import tracking
+    from sscl import model_registry
 
     match = _MODEL_URI.match(model_uri)
     if not match:
         raise ValueError(f"model must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
-    return tracking.describe_version(_uri(tracking_uri), match["name"], alias=match["alias"], version=match["version"])
+    return model_registry.describe_version(_uri(tracking_uri), match["name"], alias=match["alias"],
+                                           version=match["version"])
 
 
 def promote(name: str, version: str, alias: str = "champion", tracking_uri: str = "") -> dict[str, Any]:
     """Points ``alias`` at ``version`` (e.g. to roll back the champion by hand)."""
-    from sscl import tracking
+    from sscl import model_registry, tracking
 
     try:
         tracking.check_names(alias=alias)  # before the store: a wrong alias is wrong anywhere
     except ValueError as err:
         raise ValueError(f"--alias: {err}") from None
-    return tracking.set_alias(_uri(tracking_uri), name, version, alias)
+    return model_registry.set_alias(_uri(tracking_uri), name, version, alias)
 
 
 def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
     """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
-    from sscl import tracking
     from sscl.build import encode
     from pipelines.evaluate import load_encoder
+    from sscl import model_registry
 
     cfg = load_config(config)
     path = Path(images_path)
@@ -75,7 +76,7 @@ def embed(model_uri: str, images_path: str, out_path: str, config: str | None = 
     images = _load_images(path)
     uri = _uri(tracking_uri or cfg.tracking.uri)
     encoder = load_encoder(model_uri, uri, resolve=False)
-    features = encode(encoder, images, cfg, image_size=tracking.registered_image_size(uri, model_uri)).numpy()
+    features = encode(encoder, images, cfg, image_size=model_registry.registered_image_size(uri, model_uri)).numpy()
     np.save(out_path, features)
     return features.shape
 

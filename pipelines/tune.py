@@ -33,7 +33,7 @@ from pipelines import pretrain
 from pipelines.errors import guarded
 from pipelines.datasets import build_datasets
 from pipelines.ray_checks import init_ray, storage_path
-from sscl import tracking
+from sscl import tracking, tracking_plots
 from sscl.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
 from sscl.data.sources import check_roots
 from sscl.search_space import SearchSpace, load_space, trial_values
@@ -351,7 +351,7 @@ def _log_summary(uri: str, parent: str, rows: list[dict[str, Any]], space: Searc
     counts = {f"trials_{s.replace(' ', '_')}": sum(r["status"] == s for r in rows)
               for s in ("finished", "stopped early", "failed")}
     tracking.log_to_run(uri, parent, texts={"trials.csv": trials_csv(rows, keys, metric)},
-                        figures={"sweep.png": tracking.plot_sweep(rows, keys, metric)},
+                        figures={"sweep.png": tracking_plots.plot_sweep(rows, keys, metric)},
                         metrics={f"best_{metric}": best[metric], **counts},
                         tags={"sscl.best_trial": best["trial_id"], **{f"best.{k}": v for k, v in best["values"].items()}})
 

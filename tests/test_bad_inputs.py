@@ -207,7 +207,7 @@ def test_there_are_at_least_sixty_cases():
 
 
 def test_names_with_quotes_backslashes_and_unicode_reach_mlflow_queries_intact(tmp_path):
-    from sscl import tracking
+    from sscl import model_registry, tracking
 
     uri = f"sqlite:///{tmp_path}/names.db"
     names = ["it's", 'say "hi"', "back\\slash", "naïve-日本", "a'b\\'c", "trailing\\", "\\'"]
@@ -216,7 +216,7 @@ def test_names_with_quotes_backslashes_and_unicode_reach_mlflow_queries_intact(t
     for name, run_id in ids.items():
         assert tracking.open_run(uri, "names", run_name=name, params={}, config_text="") == run_id  # found again
         assert tracking.named_run(uri, "names", name)[0] == run_id
-    assert tracking.list_versions(uri, "o'brien \\ 日本") == []  # a model name with quotes is a query value, not syntax
+    assert model_registry.list_versions(uri, "o'brien \\ 日本") == []  # a model name with quotes is a query value, not syntax
     with pytest.raises(ValueError, match="not both"):
         tracking.filter_literal("it's \"quoted\"")
 

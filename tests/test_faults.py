@@ -107,7 +107,7 @@ def test_moco_worker_killed_mid_epoch_resumes_with_the_checkpointed_queue(tmp_pa
     from sscl.build import model_from_config
     from pipelines.pretrain import main
     from sscl.moco import queue_digest
-    from sscl.tracking import load_registered
+    from sscl.model_registry import load_registered
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

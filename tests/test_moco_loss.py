@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from loss_reference import reference_moco
 from sscl.losses import Mixing, get_loss, moco_loss, queue_negative_similarities
+from sscl.losses.steps import draw_from_hard_pool
 
 pytestmark = pytest.mark.unit
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -89,11 +90,9 @@ def test_drawn_parents_are_each_querys_hardest_queue_entries():
     _, found = moco_loss(q, k, queue, temperature=0.5, n_hard=6, n_synthetic=50, generator=generator,
                          return_diagnostics=True)
     # The same draw, replayed: each parent is among the query's 6 most similar queue rows.
-    from sscl.losses.two_view import _draw
-
     with torch.no_grad():
         similarities = q @ queue.T
-        mixing = _draw(similarities, 6, 50, torch.Generator().manual_seed(3))
+        mixing = draw_from_hard_pool(similarities, 6, 50, torch.Generator().manual_seed(3))
     hardest = similarities.topk(6, dim=1).indices
     for parents in (mixing.j1, mixing.j2):
         assert all(set(row.tolist()) <= set(pool.tolist()) for row, pool in zip(parents, hardest))

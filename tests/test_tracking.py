@@ -1,38 +1,79 @@
-"""Plots for MLflow: they render, and they leave no figures open in the process."""
+"""MLflow by URI: every function talks to the store it is given, never to a process-wide one."""
 
 from __future__ import annotations
 
-import io
-import warnings
+import os
 
-import matplotlib.pyplot as plt
-import numpy as np
+import pytest
+import torch
+from torch import nn
 
-from sscl import tracking
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+from sscl import model_registry, tracking
 
 
-def test_plots_render_and_stay_out_of_pyplot():
-    history = [{"epoch": e, "loss": 5.0 - e, "knn_top1": 0.1 * e} for e in range(1, 4)]
-    rows = [
-        {"trial_id": "a", "status": "finished", "values": {"loss.beta": 0.5, "loss.mode": "mix"}, "knn_top1": 0.7},
-        {"trial_id": "b", "status": "stopped early", "values": {"loss.beta": 20.0, "loss.mode": "copy"}, "knn_top1": 0.6},
-    ]
-    rng = np.random.default_rng(0)
-    figures = [
-        tracking.plot_curves(history),
-        tracking.plot_similarity_histogram(rng.uniform(-1, 1, 200), rng.uniform(0, 1, 50)),
-        tracking.plot_sweep(rows, ["loss.beta", "loss.mode"], "knn_top1"),
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # pyplot warns once more than 20 figures are open
-        figures += [tracking.plot_curves(history) for _ in range(21)]
-    assert plt.get_fignums() == []
-    for fig in figures:
-        assert _png(fig).startswith(b"\x89PNG")
-    assert figures[2].axes[0].get_xscale() == "log"  # beta spans 40x
+@pytest.fixture
+def no_process_uri(monkeypatch):
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def test_runs_go_to_the_store_named_and_leave_no_process_wide_uri(tmp_path, no_process_uri):
+    import mlflow
+
+    first, second = f"sqlite:///{tmp_path}/first.db", f"sqlite:///{tmp_path}/second.db"
+    run_id = tracking.open_run(first, "exp", run_name="a", params={"tracking.uri": "https://u:secret@host", "x": 1},
+                               config_text="x: 1\n")
+    tracking.log_to_run(first, run_id, metrics={"m": 0.25}, tags={"t": "v"})
+    assert tracking.named_run(first, "exp", "a") == (run_id, "RUNNING")
+    assert tracking.named_run(second, "exp", "a") is None  # the other store has no such run
+    tags, metrics = tracking.run_record(first, run_id)
+    assert tags["t"] == "v" and metrics == {"m": 0.25}
+    assert tracking.recorded_config(first, run_id) == ({"tracking.uri": "https://***@host", "x": "1"}, 0)
+    assert tracking.client(first).download_artifacts(run_id, "config.yaml", str(tmp_path)) and \
+        (tmp_path / "config.yaml").read_text() == "x: 1\n"
+    tracking.end_run(first, run_id, "KILLED")
+    assert tracking.named_run(first, "exp", "a") == (run_id, "KILLED")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != first
+
+
+def test_model_flavour_uri_is_put_back_after_the_block(no_process_uri, monkeypatch):
+    import mlflow
+
+    with tracking.model_flavour_uri("sqlite:///inside.db"):
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == "sqlite:///inside.db"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///outside.db")
+    with pytest.raises(RuntimeError), tracking.model_flavour_uri("sqlite:///inside.db"):
+        raise RuntimeError("the block failed")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///outside.db" == mlflow.get_tracking_uri()
+
+
+def test_an_encoder_is_registered_promoted_and_loaded_from_the_store_named(tmp_path, no_process_uri):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    run_id = tracking.open_run(uri, "exp", run_name="r", params={}, config_text="")
+    history = [{"epoch": 1, "loss": 2.0, "knn_top1": 0.5}]
+    version, pending = tracking.log_result(uri, run_id, history=history, metrics={"final_knn_top1": 0.5},
+                                           encoder=encoder, image_size=8, model_name="enc")
+    assert (version, pending) == ("1", 1)
+    tracking.label_version(uri, "enc", version, aliases=["best-x"], tags={"sweep": "x"})
+    assert tracking.promote_if_better(uri, "enc", version, knn_top1=0.5, dataset="digits")
+    assert not tracking.promote_if_better(uri, "enc", version, knn_top1=0.5, dataset="digits")  # not better
+    assert [row["version"] for row in model_registry.list_versions(uri, "enc")] == ["1"]
+    described = model_registry.describe_version(uri, "enc", alias="champion")
+    assert set(described["aliases"]) == {"best-x", "champion"} and described["dataset"] == "digits"
+    assert described["metrics"]["final_knn_top1"] == 0.5 and described["run_id"] == run_id
+    assert model_registry.registered_image_size(uri, "models:/enc@champion") == 8
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(model_registry.load_registered(uri, "models:/enc@champion")(images),
+                               encoder.eval()(images))
+    assert "MLFLOW_TRACKING_URI" not in os.environ

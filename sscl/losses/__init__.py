@@ -2,6 +2,7 @@
 
 - :mod:`sscl.losses.two_view`: NT-Xent, DCL, HCL and SSCL on two views of a batch, the steps of ``method.md``.
 - :mod:`sscl.losses.queue`: the same steps with a MoCo key queue as the negatives (``moco_loss``).
+- :mod:`sscl.losses.steps`: the steps both share (the draw, the mixed similarity, step 3's loss).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from sscl.losses.queue import moco_loss, queue_negative_similarities
-from sscl.losses.two_view import (LossDiagnostics, Mixing, dcl_loss, draw_mixing, hcl_loss, negative_similarities,
-                                  nt_xent, sscl_loss, world_and_rank)
+from sscl.losses.steps import LossDiagnostics, Mixing
+from sscl.losses.two_view import (dcl_loss, draw_mixing, hcl_loss, negative_similarities, nt_xent, sscl_loss,
+                                  world_and_rank)
 
 __all__ = ["LOSSES", "Family", "LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "get_loss", "hcl_loss", "moco_loss",
            "negative_similarities", "nt_xent", "queue_negative_similarities", "sscl_loss", "world_and_rank"]

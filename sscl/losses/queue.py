@@ -2,8 +2,8 @@
 
 Notation as in :mod:`sscl.losses.two_view`; here a query ``q_a`` (B, D) has one positive, its key ``k_a``,
 and the Q rows of the queue (made by the momentum encoder, :class:`sscl.moco.MomentumQueue`) as its real
-negatives. The steps are the two-view loss's own: the hard pool and the draw, the synthetic similarities
-by the unit-norm identity, and step 3's hardness weights, debiasing and floor.
+negatives. The steps are the two-view loss's own, from :mod:`sscl.losses.steps`: the hard pool and the draw, the
+synthetic similarities by the unit-norm identity, and step 3's hardness weights, debiasing and floor.
 
 Papers:
     MoCo: He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from sscl.losses.two_view import (LossDiagnostics, Mixing, Mode, Reduction, _debiased_hard_loss, _diagnostics,
-                                  _draw, _hyper_problems, _mixed)
+from sscl.losses.steps import (LossDiagnostics, Mixing, Mode, Reduction, debiased_hard_loss, draw_from_hard_pool,
+                               hyperparameter_problems, loss_diagnostics, mixed_similarities)
 
 __all__ = ["moco_loss", "queue_negative_similarities"]
 
@@ -30,7 +30,7 @@ def _queue_negatives(q: torch.Tensor, queue: torch.Tensor, *, n_hard: int, n_syn
     if not n_synthetic:
         return real
     if mixing is None:
-        mixing = _draw(real, n_hard, n_synthetic, generator)
+        mixing = draw_from_hard_pool(real, n_hard, n_synthetic, generator)
     j1, j2, alpha = (t.to(q.device) for t in mixing)
     for name, t in (("j1", j1), ("j2", j2), ("alpha", alpha)):
         if t.shape != (q.shape[0], n_synthetic):
@@ -41,7 +41,7 @@ def _queue_negatives(q: torch.Tensor, queue: torch.Tensor, *, n_hard: int, n_syn
         return torch.cat([real, s1], dim=1)
     with torch.no_grad():  # (B, K) <queue[j1], queue[j2]>; the queue is detached, so (B, K, D) is cheap
         s12 = torch.linalg.vecdot(queue[j1], queue[j2])
-    return torch.cat([real, _mixed(s1, real.gather(1, j2), s12, alpha)], dim=1)
+    return torch.cat([real, mixed_similarities(s1, real.gather(1, j2), s12, alpha)], dim=1)
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperature: float, beta: float = 0.0,
@@ -81,9 +81,9 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperat
     ] if not ok]
     if problems:
         raise ValueError("; ".join(problems))
-    problems = _hyper_problems(temperature=temperature, beta=beta, tau_plus=tau_plus, reduction=reduction,
-                               n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing, pool=queue.shape[0],
-                               pool_name="Q")
+    problems = hyperparameter_problems(temperature=temperature, beta=beta, tau_plus=tau_plus, reduction=reduction,
+                                       n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing,
+                                       pool=queue.shape[0], pool_name="Q")
     if problems:
         raise ValueError("; ".join(problems))
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -93,12 +93,12 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, *, temperat
     negatives = _queue_negatives(q, queue, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing,
                                  generator=generator)  # (B, Q + K)
     n_real = queue.shape[0]
-    per_query, on_floor = _debiased_hard_loss(positive / temperature, negatives, n_real + n_synthetic,
+    per_query, on_floor = debiased_hard_loss(positive / temperature, negatives, n_real + n_synthetic,
                                               temperature=temperature, beta=beta, tau_plus=tau_plus)
     loss = per_query.mean() if reduction == "mean" else per_query
     if not return_diagnostics:
         return loss
-    return loss, _diagnostics(on_floor, negatives[:, :n_real], negatives[:, n_real:] if n_synthetic else None)
+    return loss, loss_diagnostics(on_floor, negatives[:, :n_real], negatives[:, n_real:] if n_synthetic else None)
 
 
 @torch.no_grad()
@@ -110,7 +110,8 @@ def queue_negative_similarities(q: torch.Tensor, queue: torch.Tensor, *, n_hard:
     Returns:
         (B * Q,) similarities to the queue's keys, (B * K,) to synthetic ones drawn as in the loss.
     """
-    problems = _hyper_problems(n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, pool=queue.shape[0], pool_name="Q")
+    problems = hyperparameter_problems(n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, pool=queue.shape[0],
+                                       pool_name="Q")
     if problems:
         raise ValueError("; ".join(problems))
     dtype = torch.promote_types(q.dtype, torch.float32)

@@ -22,54 +22,14 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossDiagnostics", "Mixing", "dcl_loss", "draw_mixing", "hcl_loss", "negative_similarities", "nt_xent",
-           "sscl_loss", "world_and_rank"]
+from sscl.losses.steps import (LossDiagnostics, Mixing, Mode, Reduction, debiased_hard_loss,
+                                draw_from_hard_pool, hyperparameter_problems, loss_diagnostics, mixed_similarities)
 
-Mode = Literal["mix", "copy"]
-Reduction = Literal["mean", "none"]
-MODES = ("mix", "copy")
-REDUCTIONS = ("mean", "none")
-
-
-@dataclass(frozen=True)
-class Mixing:
-    """Synthetic-negative recipe for every anchor.
-
-    Attributes:
-        j1: (2B, K) int64, absolute row indices into ``cat([z1, z2])`` of the first parent.
-        j2: (2B, K) int64, row indices of the second parent.
-        alpha: (2B, K) float, weight of ``j1``: ``h = unit(alpha * Z[j1] + (1 - alpha) * Z[j2])``.
-    """
-
-    j1: torch.Tensor
-    j2: torch.Tensor
-    alpha: torch.Tensor
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter((self.j1, self.j2, self.alpha))
-
-
-@dataclass(frozen=True)
-class LossDiagnostics:
-    """What the negatives did in one loss evaluation, over this process's anchors.
-
-    Every field is a detached 0-dim tensor: reading it (``float(...)``) is the only synchronisation.
-
-    Attributes:
-        floor_fraction: fraction of anchors whose debiased negative term sits on the floor,
-            ``Ng = N exp(-1/t)``: their negatives pass no gradient. Always 0 for NT-Xent (no floor).
-        hardest_real: mean over anchors of the similarity of the anchor's hardest real negative.
-        synthetic_mean: mean similarity of the synthetic negatives to their anchors; NaN when K = 0.
-    """
-
-    floor_fraction: torch.Tensor
-    hardest_real: torch.Tensor
-    synthetic_mean: torch.Tensor
+__all__ = ["dcl_loss", "draw_mixing", "hcl_loss", "negative_similarities", "nt_xent", "sscl_loss", "world_and_rank"]
 
 
 @dataclass(frozen=True)
@@ -142,23 +102,9 @@ def _similarities(batch: _Batch, anchor_only: bool = False) -> tuple[torch.Tenso
     return partner.add_(to_fixed - to_fixed.detach()), to_fixed  # the value of partner, gradient to both rows
 
 
-def _draw(real_negatives: torch.Tensor, n_hard: int, n_synthetic: int, generator: torch.Generator | None) -> Mixing:
-    """Step 1, the hard pool of each row of ``real_negatives`` (A, 2B), -inf off the real negatives; step 2,
-    K pairs drawn uniformly from it and ``alpha ~ U[0, 1)``."""
-    pool = real_negatives.detach().topk(n_hard, dim=1, sorted=False).indices  # (A, n_hard) global rows
-    shape, device = (pool.shape[0], n_synthetic), pool.device
-    draw_device = generator.device if generator is not None else device
-    picks = torch.randint(n_hard, (2, *shape), generator=generator, device=draw_device).to(device)  # (2, A, K)
-    alpha = torch.rand(shape, generator=generator, device=draw_device, dtype=real_negatives.dtype).to(device)
-    return Mixing(pool.gather(1, picks[0]), pool.gather(1, picks[1]), alpha)  # (A, K) each
-
-
 def _synthetic_similarities(to_fixed: torch.Tensor, batch: _Batch, mixing: Mixing, mode: Mode) -> torch.Tensor:
-    """Step 2: ``s(a, h)`` (A, K), from the similarities to the parents: no (A, K, D) tensor.
-
-    For unit rows ``||alpha x + (1 - alpha) y||^2 = 1 - 2 alpha (1 - alpha) (1 - <x, y>)``, so
-    ``<Z_a, h> = (alpha s(a, j1) + (1 - alpha) s(a, j2)) / ||alpha Z[j1] + (1 - alpha) Z[j2]||``.
-    """
+    """Step 2: ``s(a, h)`` (A, K), from the similarities to the parents by :func:`mixed_similarities`'s
+    identity: no (A, K, D) tensor. ``to_fixed`` (A, 2B): ``s(a, j)`` with gradient to the anchor only."""
     j1, j2, alpha = mixing
     s1, s2 = to_fixed.gather(1, torch.cat([j1, j2], dim=1)).chunk(2, dim=1)  # (A, K) each
     if mode == "copy":
@@ -166,16 +112,7 @@ def _synthetic_similarities(to_fixed: torch.Tensor, batch: _Batch, mixing: Mixin
     with torch.no_grad(), torch.autocast(to_fixed.device.type, enabled=False):
         gram = to_fixed if batch.anchors is batch.z else batch.z @ batch.z.T  # (2B, 2B): <Z_i, Z_j> of all rows
         s12 = gram.take(j1 * gram.shape[1] + j2)  # (A, K) <Z[j1], Z[j2]>
-    return _mixed(s1, s2, s12, alpha)
-
-
-def _mixed(s1: torch.Tensor, s2: torch.Tensor, s12: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``<a, unit(alpha x + (1 - alpha) y)>`` (A, K) from ``s1 = <a, x>``, ``s2 = <a, y>`` and the parents'
-    ``s12 = <x, y>`` (detached), by the identity of :func:`_synthetic_similarities`."""
-    with torch.no_grad():
-        alpha = alpha.to(s1.dtype)
-        norm = (1 - 2 * alpha * (1 - alpha) * (1 - s12.to(s1.dtype))).clamp_min_(1e-12).sqrt_()  # (A, K)
-    return torch.lerp(s2, s1, alpha) / norm
+    return mixed_similarities(s1, s2, s12, alpha)
 
 
 def _local_mixing(mixing: Mixing, batch: _Batch, n_synthetic: int) -> Mixing:
@@ -196,67 +133,10 @@ def _negatives(batch: _Batch, *, n_hard: int, n_synthetic: int, mode: Mode, mixi
     if n_synthetic == 0:
         return real_negatives
     if mixing is None:
-        mixing = _draw(real_negatives, n_hard, n_synthetic, generator)
+        mixing = draw_from_hard_pool(real_negatives, n_hard, n_synthetic, generator)
     else:
         mixing = _local_mixing(Mixing(*mixing), batch, n_synthetic)
     return torch.cat([real_negatives, _synthetic_similarities(to_fixed, batch, mixing, mode)], dim=1)
-
-
-def _debiased_hard_loss(log_pos: torch.Tensor, negatives: torch.Tensor, n: int, *, temperature: float,
-                        beta: float, tau_plus: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: the (A,) loss ``-log(pos / (pos + Ng))`` and whether Ng sits on the floor, in log space.
-
-    ``R = N sum_v(w_v e_v) / sum_v(w_v)``, ``e_v = exp(s_v / t)``, ``w_v = exp(beta s_v / t)`` over ``V_a``,
-    the (A, M) ``negatives`` (-inf at the columns not in ``V_a``), ``N = |V_a|``;
-    ``Ng = max((R - tau_plus N pos) / (1 - tau_plus), N exp(-1/t))``; ``log_pos`` (A,): ``s(a, p(a)) / t``.
-    """
-    m = negatives.detach().amax(dim=1, keepdim=True)  # (A, 1)
-
-    def log_sum_exp(scale: float) -> torch.Tensor:  # (A,) log sum_v exp(scale s_v)
-        # Shifted by the row's largest s_v, as logsumexp does: exponents <= 0, the largest 0.
-        return torch.add(-scale * m, negatives, alpha=scale).exp_().sum(dim=1).log() + scale * m[:, 0]
-
-    # Hardness weights: log R = log N + log sum_v w_v e_v - log sum_v w_v (= log N without them).
-    log_r = log_sum_exp((1 + beta) / temperature)
-    if beta > 0:
-        log_r = log_r + math.log(n) - log_sum_exp(beta / temperature)
-    # Debiasing: log(R - tau_plus N pos) = log R + log(1 - exp(y)), y = log(tau_plus N pos / R); for
-    # y >= 0 it is <= 0 and Ng is the floor. The stand-in y = -1 keeps the unused branch's gradient
-    # finite (torch.where passes it 0 * inf = NaN otherwise).
-    log_floor = math.log(n) - 1 / temperature
-    debiased = log_r
-    if tau_plus > 0:
-        y = log_pos + math.log(tau_plus * n) - log_r
-        above = y < 0
-        debiased = log_r + torch.log(-torch.expm1(torch.where(above, y, -1.0))) - math.log1p(-tau_plus)
-        debiased = torch.where(above, debiased, log_floor)
-    log_ng = debiased.clamp_min(log_floor)  # the floor N exp(-1/t)
-    return torch.logaddexp(log_pos, log_ng) - log_pos, debiased <= log_floor
-
-
-def _diagnostics(on_floor: torch.Tensor, real: torch.Tensor, synthetic: torch.Tensor | None) -> LossDiagnostics:
-    with torch.no_grad():
-        hardest = real.amax(dim=1).mean()  # real: (A, 2B) similarities, -inf off the real negatives
-        synthetic_mean = synthetic.mean() if synthetic is not None else hardest.new_tensor(math.nan)
-        return LossDiagnostics(on_floor.to(hardest.dtype).mean(), hardest, synthetic_mean)
-
-
-def _hyper_problems(*, pool: int, pool_name: str, temperature: float = 1.0, beta: float = 0.0, tau_plus: float = 0.0,
-                    reduction: str = "mean", n_hard: int = 0, n_synthetic: int = 0, mode: str = "mix",
-                    mixing: object = None) -> list[str]:
-    """Problems with the hyperparameters shared by the two-view and the queue losses; ``pool``: the
-    largest ``n_hard``, the number of real negatives (named ``pool_name``)."""
-    return [message for ok, message in [
-        (temperature > 0, f"temperature must be > 0, got {temperature}"),
-        (0 <= tau_plus < 1, f"tau_plus must be in [0, 1), got {tau_plus}"),
-        (beta >= 0, f"beta must be >= 0, got {beta}"),
-        (reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {reduction!r}"),
-        (n_synthetic >= 0, f"n_synthetic must be >= 0, got {n_synthetic}"),
-        (0 <= n_hard <= pool, f"n_hard must be in [0, {pool_name} = {pool}] (the real negatives), got {n_hard}"),
-        (n_synthetic <= 0 or n_hard >= 1, f"n_hard must be >= 1 when n_synthetic > 0, got {n_hard}"),
-        (mode in MODES, f"mode must be one of {MODES}, got {mode!r}"),
-        (mixing is None or len(tuple(mixing)) == 3, "mixing must be a triple (j1, j2, alpha)"),
-    ] if not ok]
 
 
 def _check(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.0, tau_plus: float = 0.0,
@@ -269,9 +149,9 @@ def _check(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 1.0, beta
         (z1.shape == z2.shape, f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"),
         (z1.is_floating_point() and z2.is_floating_point(), f"z1 and z2 must be floating, got {z1.dtype}, {z2.dtype}"),
         (b >= 2, f"z1 must hold a batch of B >= 2 (over all ranks), got B = {b}"),
-    ] if not ok] + _hyper_problems(temperature=temperature, beta=beta, tau_plus=tau_plus, reduction=reduction,
-                                   n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing, pool=2 * b - 2,
-                                   pool_name="2B - 2")
+    ] if not ok] + hyperparameter_problems(temperature=temperature, beta=beta, tau_plus=tau_plus,
+                                           reduction=reduction, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode,
+                                           mixing=mixing, pool=2 * b - 2, pool_name="2B - 2")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -310,11 +190,11 @@ def sscl_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, beta: f
     negatives = _negatives(batch, n_hard=n_hard, n_synthetic=n_synthetic, mode=mode, mixing=mixing,
                            generator=generator)  # (A, 2B + K)
     n_rows = batch.z.shape[0]
-    per_anchor, on_floor = _debiased_hard_loss(batch.positive / temperature, negatives, n_rows - 2 + n_synthetic,
+    per_anchor, on_floor = debiased_hard_loss(batch.positive / temperature, negatives, n_rows - 2 + n_synthetic,
                                                temperature=temperature, beta=beta, tau_plus=tau_plus)  # step 3
     loss = per_anchor.mean() if reduction == "mean" else per_anchor
     synthetic = negatives[:, n_rows:] if n_synthetic else None  # (A, K)
-    return (loss, _diagnostics(on_floor, negatives[:, :n_rows], synthetic)) if return_diagnostics else loss
+    return (loss, loss_diagnostics(on_floor, negatives[:, :n_rows], synthetic)) if return_diagnostics else loss
 
 
 def hcl_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, beta: float, tau_plus: float,
@@ -353,7 +233,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, reduction
     if not return_diagnostics:
         return loss
     no_floor = torch.zeros_like(batch.pos, dtype=torch.bool)
-    return loss, _diagnostics(no_floor, logits.detach() * temperature + batch.negative_mask, None)
+    return loss, loss_diagnostics(no_floor, logits.detach() * temperature + batch.negative_mask, None)
 
 
 def draw_mixing(z1: torch.Tensor, z2: torch.Tensor, *, n_hard: int, n_synthetic: int,
@@ -373,7 +253,7 @@ def draw_mixing(z1: torch.Tensor, z2: torch.Tensor, *, n_hard: int, n_synthetic:
     """
     _check(z1, z2, n_hard=n_hard, n_synthetic=n_synthetic)
     with torch.no_grad():
-        return _draw(_similarities(_batch(z1, z2))[0], n_hard, n_synthetic, generator)
+        return draw_from_hard_pool(_similarities(_batch(z1, z2))[0], n_hard, n_synthetic, generator)
 
 
 @torch.no_grad()
