@@ -23,9 +23,9 @@ def _train_local(argv: Sequence[str]) -> None:
 
 
 def _benchmark(argv: Sequence[str]) -> None:
-    from pipelines import benchmark
+    from pipelines.bench import benchmark
 
-    benchmark.main(argv)
+    benchmark.main(argv)  # inside sscl's own error boundary
 
 
 def _config(argv: Sequence[str]) -> None:

@@ -29,10 +29,10 @@ class Interrupted(KeyboardInterrupt):
 
 def user_error(err: BaseException) -> BaseException | None:
     """The error to show a user for ``err`` (unwrapped from Ray's wrappers), or None for a bug."""
-    from sscl.config import ConfigError
-
     err = unwrap(err)
-    if isinstance(err, (ConfigError, ValueError, ConnectionError, OSError)):
+    # ValueError covers sscl.config's ConfigError, which is not imported here: that would need PyYAML,
+    # which the GPU check's torch-only machine may lack.
+    if isinstance(err, (ValueError, ConnectionError, OSError)):
         return err  # OSError: FileNotFoundError, PermissionError, NotADirectoryError, ...
     if type(err).__module__.startswith("mlflow"):  # MlflowException and its kin
         return err

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import sscl.losses
-from pipelines import benchmark
+from pipelines.bench import benchmark, ingest
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_ingest_reads_a_given_folder_and_writes_its_figures_as_json(tmp_path):
     import json
     import subprocess
 
-    root = benchmark.write_jpeg_folder(tmp_path / "mine", 300, side=(40, 30), n_classes=3)
+    root = ingest.write_jpeg_folder(tmp_path / "mine", 300, side=(40, 30), n_classes=3)
     out = tmp_path / "ingest.json"
     run = subprocess.run([sys.executable, "-m", "pipelines.benchmark", "ingest", "--root", str(root), "--json",
                           str(out), "--epochs", "2", "--memory-sizes", "none", "--workdir", str(tmp_path / "work")],

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import gpu_check
-from pipelines.gpu_check import Row
+import device_checks
+from pipelines.bench import gpu_check, gpu_plans
+from pipelines.bench.gpu_training import time_end_to_end
+from pipelines.bench.harness import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("correctness", "loss timing", "augmentation", "training step", "end to end")
@@ -112,7 +114,7 @@ def test_quick_cpu_run_reports_every_section_on_torch_alone(tmp_path):
 
 def test_end_to_end_rows_time_both_decoders_against_the_step_alone(tmp_path):
     """The quick plan's section 5, in this process: its rows, and ratios that divide them."""
-    rows = gpu_check.time_end_to_end(torch.device("cpu"), gpu_check.QUICK)
+    rows = time_end_to_end(torch.device("cpu"), gpu_plans.QUICK)
     assert rows[0].case == "device decoding names a truncated JPEG" and rows[0].status == "pass"
     rates = [r for r in rows if r.unit == "img/s"]
     assert [r.case.split(":")[0] for r in rates] == [
@@ -135,21 +137,21 @@ def test_a_device_decoder_that_accepts_a_truncated_jpeg_fails_the_check(monkeypa
         return real(encoded[:1], where[:1], **kwargs)  # decodes the whole file, drops the cut one silently
 
     monkeypatch.setattr(sscl.data.device_decode, "decode_batch", lenient)
-    tiny = dataclasses.replace(gpu_check.QUICK.e2e, images=16, batch=8, loader_workers=0, epochs=1)
-    rows = gpu_check.time_end_to_end(torch.device("cpu"), dataclasses.replace(gpu_check.QUICK, e2e=tiny))
+    tiny = dataclasses.replace(gpu_plans.QUICK.e2e, images=16, batch=8, loader_workers=0, epochs=1)
+    rows = time_end_to_end(torch.device("cpu"), dataclasses.replace(gpu_plans.QUICK, e2e=tiny))
     assert rows[0].status == "FAIL: a truncated JPEG was decoded without an error"
     assert gpu_check.correctness_failed(rows)
 
 
 def test_wrong_loss_fails_its_correctness_row(monkeypatch):
     # NT-Xent at a slightly different temperature: finite, close, and wrong.
-    real = gpu_check.nt_xent
+    real = device_checks.nt_xent
 
     def off_by_a_little(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.Tensor:
         return real(z1, z2, temperature=temperature * 1.001)
 
-    monkeypatch.setattr(gpu_check, "nt_xent", off_by_a_little)
-    rows = gpu_check.check_correctness(torch.device("cpu"), gpu_check.QUICK)
+    monkeypatch.setattr(device_checks, "nt_xent", off_by_a_little)
+    rows = gpu_check.check_correctness(torch.device("cpu"), gpu_plans.QUICK)
     status = {r.case: r.status for r in rows}
     assert status["nt_xent float64 vs loop reference (value, grads)"].startswith("FAIL: max abs error")
     assert status["dcl float64 vs loop reference (value, grads)"] == "pass"
@@ -158,10 +160,10 @@ def test_wrong_loss_fails_its_correctness_row(monkeypatch):
 
 
 def test_a_failing_section_is_recorded_and_the_rest_still_run(monkeypatch, tmp_path, capsys):
-    def broken(device: torch.device, plan: gpu_check.Plan) -> list[Row]:
+    def broken(device: torch.device, plan: gpu_plans.Plan) -> list[Row]:
         raise RuntimeError("no kernel image is available")
 
-    def timing(device: torch.device, plan: gpu_check.Plan) -> list[Row]:
+    def timing(device: torch.device, plan: gpu_plans.Plan) -> list[Row]:
         return [Row("loss timing", "a case", 1.5, "ms", "ok")]
 
     monkeypatch.setattr(gpu_check, "SECTION_RUNNERS", {"correctness": broken, "loss timing": timing})

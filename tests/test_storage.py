@@ -48,7 +48,7 @@ def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes,
     import ray
     from ray.util.state import list_tasks
 
-    from pipelines.benchmark import write_jpeg_folder
+    from pipelines.bench.ingest import write_jpeg_folder
     from pipelines.pretrain import main
     from sscl.config import load_config
     from conftest import QUICKSTART, quick_overrides

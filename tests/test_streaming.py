@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.benchmark import write_jpeg_folder
+from pipelines.bench.ingest import write_jpeg_folder
 from sscl.config import load_config
 from sscl.data.sources import DataError
 from conftest import QUICKSTART, quick_overrides

@@ -17,7 +17,7 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.integration
 def test_trains_an_image_folder_with_the_preset_while_ray_cannot_be_imported(tmp_path):
-    from pipelines.benchmark import write_jpeg_folder
+    from pipelines.bench.ingest import write_jpeg_folder
     from sscl.build import model_from_config
     from sscl.config import load_config
 
