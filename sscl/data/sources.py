@@ -366,7 +366,7 @@ def _units_datasource() -> type:
                 def read_units(group: list[Any] = group) -> Iterator[Any]:  # one group only, not every unit
                     return _blocks(read, group)
 
-                tasks.append(ReadTask(read_units, unknown))
+                tasks.append(ReadTask(read_units, unknown, per_task_row_limit=per_task_row_limit))
             return tasks
 
     return UnitsDatasource
@@ -444,8 +444,8 @@ def local_split(cfg: DataConfig, split: str, *, max_images: int = 0) -> LocalSpl
 
 
 def _read_rows(units: Units, group: list[Any]) -> Iterator[dict[str, np.ndarray]]:
-    """What the Ray dataset's tasks give for ``group``: ``read``, then ``decode`` (on the table's
-    columns as Python lists, as the Ray tasks' batches hold them)."""
+    """What the Ray dataset's tasks give for ``group``: ``read``, then ``decode`` (given the table's
+    columns as Python lists; Ray's batches hold the same values in NumPy arrays)."""
     for batch in units.read(group):
         yield batch if units.decode is None else units.decode(batch.to_pydict())
 
