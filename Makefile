@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) -m pipelines.benchmark train
 
 # Torch-only (no Ray, MLflow or install needed): runs with the GPU machine's own python3, from the
-# repository root. Loss correctness on the device (tests/device_checks.py, which tests/test_device_losses.py
+# repository root. Loss correctness on the device (tests/device_checks.py, which tests/sscl/losses/test_device_losses.py
 # also runs), then loss, augmentation and training-step timings.
 GPU_PYTHON ?= python3
 

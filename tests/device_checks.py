@@ -1,4 +1,4 @@
-"""Loss correctness on one device, in torch alone: the check bodies that ``tests/test_device_losses.py``
+"""Loss correctness on one device, in torch alone: the check bodies that ``tests/sscl/losses/test_device_losses.py``
 (pytest, on the CPU and on a GPU when there is one) and ``pipelines/bench/gpu_check.py`` (a lent GPU
 machine with PyTorch and maybe nothing else, not even pytest) both import.
 
@@ -21,7 +21,7 @@ from loss_reference import reference_loss, reference_moco, reference_nt_xent, re
 from pipelines.bench.harness import Loss2, error_text
 from sscl.losses import Mixing, dcl_loss, draw_mixing, hcl_loss, moco_loss, nt_xent, sscl_loss
 
-TOLERANCE = 1e-10  # max abs error of value and gradients in float64, as in tests/test_losses.py
+TOLERANCE = 1e-10  # max abs error of value and gradients in float64, as in tests/sscl/losses/test_losses.py
 LOSSES = ("nt_xent", "dcl", "hcl", "sscl mix", "sscl copy")
 # (B, hyperparameters): an even and an odd batch, mild and sharp settings.
 REFERENCE_SETTINGS = (

@@ -9,7 +9,7 @@ It is written for a lent GPU machine that has PyTorch but neither Ray, MLflow, p
 project installed: run it from the repository root. It imports only ``sscl.losses``, ``sscl.models``,
 ``sscl.moco``, ``sscl.data.augment``, ``sscl.data.device_decode``, ``sscl.train`` (torch, torchvision,
 numpy and PIL only) and, from ``tests/``, the torch-only correctness checks ``device_checks.py`` with
-the loop reference ``loss_reference.py`` (the checks that ``tests/test_device_losses.py`` runs).
+the loop reference ``loss_reference.py`` (the checks that ``tests/sscl/losses/test_device_losses.py`` runs).
 
 Sections, in order (each catches its own failures, so one failure keeps the rest):
 
@@ -112,7 +112,7 @@ def _moco_bf16_row(checks: ModuleType, device: torch.device, case: str) -> Row:
 def check_correctness(device: torch.device, plan: Plan) -> list[Row]:
     """Section 1: the losses on ``device`` against the loop reference, the drawn pool, bf16 stability.
 
-    The checks are ``tests/device_checks.py``'s, as ``tests/test_device_losses.py`` runs them.
+    The checks are ``tests/device_checks.py``'s, as ``tests/sscl/losses/test_device_losses.py`` runs them.
 
     Args:
         device: where the losses run.

@@ -11,7 +11,7 @@ import pytest
 from sscl.config import ConfigError, apply_overrides, load_config
 from sscl.search_space import load_space, parse_space, trial_values
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 PRESETS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
 

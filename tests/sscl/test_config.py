@@ -10,7 +10,7 @@ import torch
 
 from sscl.config import Config, ConfigError, describe_keys, flatten, from_dict, load_config, to_dict
 
-PRESETS = sorted((Path(__file__).parents[1] / "pipelines" / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "pipelines" / "configs").glob("*.yaml"))
 
 
 def test_every_required_preset_exists_and_loads():
@@ -153,7 +153,7 @@ def test_bad_files(tmp_path):
 
 
 def test_readme_documents_every_key():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [key for key in flatten(Config()) if f"`{key}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
 

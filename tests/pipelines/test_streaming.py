@@ -19,7 +19,7 @@ from sscl.data.sources import DataError
 from conftest import QUICKSTART, quick_overrides
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def folder_overrides(tmp_path, root, *extra):

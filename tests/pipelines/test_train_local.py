@@ -12,7 +12,7 @@ import torch
 
 from conftest import QUICKSTART
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.integration

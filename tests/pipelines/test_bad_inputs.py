@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 QUICK = str(ROOT / "pipelines" / "configs" / "quickstart.yaml")
 SPACE = str(ROOT / "tune_spaces" / "sscl_priors.yaml")
 NO_GPU = not torch.cuda.is_available()

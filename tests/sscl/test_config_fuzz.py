@@ -11,7 +11,7 @@ import pytest
 from pipelines.config_cli import parse_config
 from sscl.config import Config, ConfigError, field_info, flatten, load_config
 
-QUICK = str(Path(__file__).parents[1] / "pipelines" / "configs" / "quickstart.yaml")
+QUICK = str(Path(__file__).parents[2] / "pipelines" / "configs" / "quickstart.yaml")
 KEYS = sorted(flatten(Config()))
 BAD_VALUES = {"wrong type": "[1, 2]", "mapping": "{a: 1}", "nan": ".nan", "nan text": "nan", "inf": ".inf",
               "negative": "-3", "zero": "0", "huge": "1e12", "huge int": str(10**30), "empty": "", "unicode": "日本語✓",

@@ -15,7 +15,7 @@ from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def readme_sequence() -> str:
