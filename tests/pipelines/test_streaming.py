@@ -139,7 +139,7 @@ def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_p
     from ray.train import Checkpoint
 
     checkpoints = sorted(p for p in (tmp_path / "ray" / "eval-equal").glob("checkpoint_*") if p.is_dir())
-    model, _ = load_trained(cfg, Checkpoint.from_directory(str(checkpoints[-1])))
+    model, _, _ = load_trained(cfg, Checkpoint.from_directory(str(checkpoints[-1])))
 
     def features(split):
         rows = build_dataset(cfg.data, split).dataset.take_all()
