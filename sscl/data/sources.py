@@ -69,8 +69,6 @@ class Units:
         max_images: bound the rows to about this many by a hash of their pixels (0: unbounded, or
             bounded when listed, as image folders and Parquet are).
         per_read: units per read (one Ray read task, one DataLoader item).
-        filesystem: set when the units are file paths on it, which the Ray back-end then reads with
-            Ray's own binary file reader (see ``_ray_dataset``).
     """
 
     name: str
@@ -80,7 +78,6 @@ class Units:
     decode: functools.partial | None = None
     max_images: int = 0
     per_read: int = 1
-    filesystem: Any = None
 
     def bounded(self, count: Callable[[Units], int]) -> Units:
         """These units counted (by ``count``, reading them, where metadata has no count) and bounded
@@ -126,8 +123,7 @@ def _folder_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder
     listing, files = folder_files(root, selection, classes_root=cfg.root)
     paths = selected_paths(listing, files, root, selection)  # bounded here, by path hash
     return Units("ImageFolder", paths, functools.partial(_read_files, fs=listing.fs), len(paths),
-                 decode=functools.partial(_decode_files, decoder=decoder, files=files), per_read=_FILES_PER_READ,
-                 filesystem=listing.fs)
+                 decode=functools.partial(_decode_files, decoder=decoder, files=files), per_read=_FILES_PER_READ)
 
 
 def _read_files(paths: list[str], *, fs: Any) -> Iterator[Any]:
@@ -329,14 +325,7 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
 def _ray_dataset(units: Units, seed: int | None) -> ray.data.Dataset:
     import ray.data
 
-    if units.filesystem is not None:
-        # Files: Ray's binary reader, whose blocks fuse with the decoding and views that follow. The
-        # generic read tasks below halve the pipeline here (benchmark ingest, 4,000 64-px JPEGs on 2
-        # cores, steady state: 2,006 vs 852 img/s), their output splitting into blocks of its own.
-        shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
-        ds = ray.data.read_binary_files(units.units, filesystem=units.filesystem, include_paths=True, shuffle=shuffle)
-    else:
-        ds = ray.data.read_datasource(_units_datasource()(units, seed))
+    ds = ray.data.read_datasource(_units_datasource()(units, seed))
     if units.decode is None:
         return ds
     # Decoding is a map of its own, as after Ray's own file reader: it fuses with the views that
