@@ -1,274 +1,688 @@
-"""Dataset sources, each described once and read by two back-ends.
+"""Dataset sources as lazy Ray Datasets: files are listed on the driver (paths only), read and
+decoded in Ray tasks on the cluster, and streamed; no process ever holds a whole split's pixels.
 
-A split of a source is a :class:`Units`: its read units (image files, Parquet row groups, CIFAR
-pickles, 1,024-image chunks of an STL-10 binary, chunks of digit indices: paths and numbers, never
-pixels), how to read some of them, and how many images they hold. ``build_dataset`` turns it into a
-lazy Ray Dataset whose units are read and decoded in Ray tasks, again each epoch, so no process
-holds a whole split's pixels; ``local_split`` reads the same units in this process and its
-DataLoader workers, without Ray (``pipelines.train_local``). Both see the same images: one listing,
-one held-out split, one bound, one decoder and the same errors.
+Every source gives the same columns: ``image`` (uint8 (H, W, 3)) and ``label`` (int64, -1 when
+unlabelled). Splits:
 
-Columns: ``image`` (uint8 (H, W, 3)) and ``label`` (int64, -1 when unlabelled). Splits:
-
-- ``pretrain``: what the encoder trains on, in a new unit order every epoch (seeded);
+- ``pretrain``: what the encoder trains on, in a new file order every epoch (seeded);
 - ``eval_train``: the labelled kNN bank and linear-probe training set, at most
   ``train.knn_max_images`` images;
 - ``eval_test``: the labelled evaluation set: ``data.eval_root`` when set, the source's own test
   split (CIFAR, STL-10, digits), else a held-out fraction chosen by a hash of each file's path
   (image folders) or of each image's bytes (Parquet), so no listing pass has to be materialised.
 
-Ray is imported inside the functions: the rest of ``sscl`` runs without it.
+Ray is imported inside the functions: the rest of ``sscl`` runs without it, and
+``local_split`` reads the same splits in one process without Ray.
 """
 
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from sscl.data.decode import BadImages, CorruptDataError, DataError, Decoder, decode_image, held_out, keep_by_hash
-from sscl.data.folders import (IMAGE_EXTENSIONS, FolderFiles, FolderListing, check_roots_exist, folder_classes,
-                               folder_files, list_folder, open_root, selected_paths, split_root)
-from sscl.data.formats import (STL_CHUNK, cifar_files, decode_rows, parquet_columns, parquet_decoding,
-                               read_cifar_file, read_stl_chunk, stl10_files)
-
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow.fs
     import ray.data
 
     from sscl.config import DataConfig
 
-__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "SPLITS", "BadImages", "CorruptDataError", "DataError", "Decoder",
-           "FolderListing", "LocalSplit", "Source", "Split", "Units", "build_dataset", "check_roots", "decode_image",
-           "folder_classes", "held_out", "list_folder", "local_split", "read_cifar_file"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "BadImages", "CorruptDataError", "DataError", "FolderListing", "LocalSplit",
+           "Split", "build_dataset", "check_roots", "decode_image", "folder_classes", "held_out", "list_folder",
+           "local_split", "read_cifar_file"]
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
-_DECODE_BATCH = 64  # encoded images per decoding call (Ray's map batches, a read's Arrow tables)
-_FILES_PER_READ = 256  # image files per read: one Ray read task, one DataLoader item
-_DIGITS_PER_UNIT = 256
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff")
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+_STL_SIDE = 96
+_STL_BYTES = 3 * _STL_SIDE * _STL_SIDE
+_STL_CHUNK = 1024  # images per STL-10 read task (about 28 MB)
+_DECODE_BATCH = 64
+
+
+class DataError(ValueError):
+    """The data cannot give a meaningful run (too few images or classes, an empty split). The same data
+    fails the same way every time: never retried."""
+
+
+class CorruptDataError(DataError):
+    """A data file exists but cannot be read: truncated, corrupt or undecodable."""
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def held_out(key: str | bytes, fraction: float, salt: str = "test") -> bool:
+    """Whether an item belongs to a held-out ``fraction``, decided by a hash of ``key`` alone.
+
+    The same key lands on the same side in every process and execution, whatever the order or
+    the number of files, so a split needs no listing pass and no materialisation.
+    """
+    data = key.encode() if isinstance(key, str) else key
+    digest = hashlib.blake2b(data, digest_size=8, person=salt.encode()[:16]).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def _filesystem(root: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...).
+
+    Raises:
+        FileNotFoundError / ConnectionError: naming the root when it is missing or unreachable.
+    """
+    import pyarrow.fs as pafs
+
+    uri = root if "://" in root else str(Path(root).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as err:  # pyarrow raises OSError for network and credential failures
+        raise ConnectionError(f"cannot reach {root}: {err}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {root}")
+    return fs, path.rstrip("/")
+
+
+def _missing(path: str, source: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{source}: missing file {path}; put the dataset there or set data.download=true on a machine with internet"
+    )
+
+
+def decode_image(data: bytes | np.ndarray, size: int, where: str) -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, ...) or an array -> uint8 (size, size, 3), resized bilinearly.
+
+    Raises:
+        CorruptDataError: naming ``where`` when the image cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if data is None:
+            raise ValueError("the cell is empty (null)")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                img = _eight_bit(img).convert("RGB")  # greyscale, palette, CMYK, alpha -> RGB
+        else:
+            arr = np.asarray(data)
+            if arr.dtype == np.uint16:  # 16-bit pixels: scaled, not wrapped around
+                arr = np.round(arr * (255 / 65535))
+            arr = arr.astype(np.uint8)
+            if arr.ndim == 3 and arr.shape[2] == 1:
+                arr = arr[..., 0]
+            if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+                raise ValueError(f"array of shape {arr.shape} is not an (H, W), (H, W, 1) or (H, W, 3) image")
+            img = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, TypeError) as err:
+        raise CorruptDataError(f"cannot decode image {where}: {err}") from None
+
+
+def _eight_bit(img: Any) -> Any:
+    """16-bit (and 32-bit integer) greyscale scaled to 8 bits: PIL's RGB conversion would clip it."""
+    if not img.mode.startswith("I"):
+        return img
+    from PIL import Image
+
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.round(wide * (255 / 65535)).clip(0, 255).astype(np.uint8))
+
+
+class BadImages:
+    """A Ray actor's class: what the decoding tasks, wherever they run, met that could not be
+    decoded: the distinct files (or rows) skipped with ``data.skip_corrupt=true``, and the error
+    that stopped the stream otherwise (Ray Train truncates a worker's traceback, so the driver asks
+    here which file it was)."""
+
+    def __init__(self) -> None:
+        self.skipped: set[str] = set()
+        self.errors: list[str] = []
+
+    def skip(self, where: str) -> None:
+        self.skipped.add(where)
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+
+    def count(self) -> int:
+        return len(self.skipped)
+
+    def examples(self, n: int = 5) -> list[str]:
+        return sorted(self.skipped)[:n]
+
+    def first_error(self) -> str | None:
+        return self.errors[0] if self.errors else None
 
 
 @dataclass(frozen=True)
-class Units:
-    """One split of one source, as both back-ends read it.
+class Decoder:
+    """Decodes a batch of encoded images into ``image``/``label``, naming or skipping bad ones.
 
     Attributes:
-        name: the source's name in Ray's operator and task names (``ReadImageFolder``).
-        units: what one read covers, in listing order: small and picklable (paths, row groups,
-            chunk numbers), never pixels.
-        read: reads a list of units, yielding batches: rows (``image``, ``label``) or, where
-            ``decode`` is set, Arrow tables of encoded cells.
-        num_images: how many images the split reads, from metadata where the source has it (files
-            listed, Parquet footers, STL-10 file sizes), so images skipped as undecodable still count;
-            None: counted by reading (CIFAR pickles).
-        decode: a ``functools.partial`` turning a batch of ``read``'s columns into rows (or encoded
-            rows, ``placement.decode=device``); None when ``read`` gives rows.
-        max_images: bound the rows to about this many by a hash of their pixels (0: unbounded, or
-            bounded when listed, as image folders and Parquet are).
-        per_read: units per read (one Ray read task, one DataLoader item).
+        size: output side in pixels.
+        skip_corrupt: skip undecodable images instead of failing.
+        bad_images: a ``BadImages`` actor handle told of each skipped image or failure, or None.
+        encoded: pass the encoded bytes on as stored (``bytes``, ``label``, ``where`` columns), for
+            decoding on the training device (``placement.decode=device``, ``sscl.data.device_decode``).
     """
 
-    name: str
-    units: list[Any]
-    read: Callable[[list[Any]], Iterable[Any]]
-    num_images: int | None
-    decode: functools.partial | None = None
+    size: int
+    skip_corrupt: bool
+    bad_images: Any = None
+    encoded: bool = False
+
+    def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        if self.encoded:
+            return self._passed_on(values, labels, where)
+        images, kept = [], []
+        for value, label, name in zip(values, labels, where):
+            try:
+                images.append(decode_image(value, self.size, name))
+            except CorruptDataError as err:
+                self.bad(err, name)
+                continue
+            kept.append(label)
+        empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
+        return {"image": np.stack(images) if images else empty, "label": np.asarray(kept, dtype=np.int64)}
+
+    def bad(self, err: CorruptDataError, name: str) -> None:
+        """An undecodable image, wherever it was decoded: raises, naming it, or reports it skipped."""
+        # Reported and waited for (rare: only bad images), so the driver's question that follows
+        # (which file stopped the run, how many were skipped this epoch) finds it recorded.
+        if not self.skip_corrupt:
+            message = f"{err} (set data.skip_corrupt=true to skip such images)"
+            self._tell("fail", message)
+            raise CorruptDataError(message) from None
+        self._tell("skip", name)
+
+    def _passed_on(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+        encoded = np.empty(len(values), dtype=object)
+        for i, (value, name) in enumerate(zip(values, where)):
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise DataError(f"placement.decode=device ships encoded images as stored, but {name} is "
+                                f"{'empty (null)' if value is None else 'an array, not encoded bytes'}: set "
+                                "placement.decode=tasks")
+            encoded[i] = bytes(value)
+        return {"bytes": encoded, "label": np.asarray(labels, dtype=np.int64), "where": np.asarray(where, dtype=object)}
+
+    def _tell(self, what: str, text: str) -> None:
+        """Reports to the ``BadImages`` actor, if any, and waits for it."""
+        if self.bad_images is not None:
+            import ray
+
+            ray.get(getattr(self.bad_images, what).remote(text))
+
+
+# ---------------------------------------------------------------------------- image folders and Parquet
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which images of a folder or Parquet source a split keeps.
+
+    Attributes:
+        labelled_only: drop unlabelled images (evaluation sets).
+        test_fraction: hold out this fraction by hash (None: no held-out split).
+        held_out_side: keep the held-out side (eval_test) rather than the rest.
+        max_images: keep at most this many (0 = all).
+    """
+
+    labelled_only: bool = False
+    test_fraction: float | None = None
+    held_out_side: bool = False
     max_images: int = 0
-    per_read: int = 1
 
-    def bounded(self, count: Callable[[Units], int]) -> Units:
-        """These units counted (by ``count``, reading them, where metadata has no count) and bounded
-        to ``max_images`` (the same rows in every execution and back-end)."""
-        total = self.num_images if self.num_images is not None else count(self)
-        if not self.max_images or total <= self.max_images:
-            return replace(self, num_images=total, max_images=0)
-        read = functools.partial(_keep_read, read=self.read, fraction=self.max_images / total)
-        return replace(self, read=read, num_images=self.max_images, max_images=0)
-
-    def groups(self, order: Iterable[int]) -> list[list[Any]]:
-        """The units in ``order``, ``per_read`` at a time."""
-        ordered = [self.units[i] for i in order]
-        return [ordered[i : i + self.per_read] for i in range(0, len(ordered), self.per_read)]
+    def keeps(self, key: str | bytes, label: int) -> bool:
+        if self.labelled_only and label < 0:
+            return False
+        return self.test_fraction is None or held_out(key, self.test_fraction) == self.held_out_side
 
 
-def _keep_read(units: list[Any], *, read: Callable[[list[Any]], Iterable[Any]], fraction: float) -> Iterator[Any]:
-    for rows in read(units):
-        yield keep_by_hash(rows, fraction=fraction)
+class _FolderFiles:
+    """The files of an image tree a split reads, decided per path before anything is read.
+
+    ``root/<class>/<file>`` is labelled by its class's index in ``classes`` (the training root's, so
+    an evaluation tree's classes are matched by name); files directly under ``root`` are unlabelled
+    (pretraining only).
+    """
+
+    def __init__(self, base: str, classes: list[str], selection: _Selection) -> None:
+        self.base, self.index, self.selection = base + "/", {c: i for i, c in enumerate(classes)}, selection
+
+    def relative(self, path: str) -> str:
+        return path[len(self.base):] if path.startswith(self.base) else path
+
+    def label(self, path: str) -> int:
+        parts = self.relative(path).split("/")
+        return self.index.get(parts[0], -1) if len(parts) >= 2 else -1
+
+    def __call__(self, paths: list[str]) -> list[str]:
+        kept = [p for p in paths if self.selection.keeps(self.relative(p), self.label(p))]
+        limit = self.selection.max_images
+        if limit and len(kept) > limit:
+            # An exact, order-independent subset: the files with the smallest path hashes.
+            kept = sorted(kept, key=lambda p: hashlib.blake2b(self.relative(p).encode(), digest_size=8).digest())[:limit]
+        return kept
 
 
 @dataclass(frozen=True)
-class Source:
-    """A data source: how a split of it is described, and what ``check_roots`` checks of it.
+class FolderListing:
+    """The images of a tree, listed once with the rules every back-end (Ray and local) shares.
+
+    Rules: a file counts when its extension is one of ``IMAGE_EXTENSIONS`` (any case) and no part of
+    its path below the root starts with ``.`` (hidden files, macOS ``._x.jpg``); names starting with
+    ``_`` count like any other. Symbolic links to files are read; links to folders are followed
+    unless they lead to a folder already listed (a link back to a parent would list the tree again
+    and again). Classes are the folders directly under the root that hold images.
 
     Attributes:
-        units: ``(cfg, split, max_images, decoder) -> Units``: lists the split (metadata only);
-            ``max_images`` is 0 for pretraining.
-        check: checks the root's files exist (or will be downloaded) without reading any image.
-        own_test_split: the source has its own test split, so ``data.eval_root`` is refused.
+        fs, base: the pyarrow filesystem and the root's path in it.
+        paths: every image's path, sorted.
+        classes: the sorted class folder names.
     """
 
-    units: Callable[[DataConfig, str, int, Decoder], Units]
-    check: Callable[[DataConfig], None]
-    own_test_split: bool
+    fs: Any
+    base: str
+    paths: list[str]
+    classes: list[str]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for path in self.paths:
+            parts = path[len(self.base) + 1:].split("/")
+            if len(parts) >= 2:
+                counts[parts[0]] += 1
+        return counts
 
 
-# ---------------------------------------------------------------------------- image folders
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _folder_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
-    root, selection = split_root(cfg, split, max_images)
-    listing, files = folder_files(root, selection, classes_root=cfg.root)
-    paths = selected_paths(listing, files, root, selection)  # bounded here, by path hash
-    return Units("ImageFolder", paths, functools.partial(_read_files, fs=listing.fs), len(paths),
-                 decode=functools.partial(_decode_files, decoder=decoder, files=files), per_read=_FILES_PER_READ)
+def _walk_local(base: str) -> list[str]:
+    """Image paths under a local ``base``. Real folders are listed first, then folder links, each to a
+    folder not listed yet (no loops, no folder twice, the same result whatever the order on disk)."""
+    import os
+
+    found, seen, real, links = [], set(), [base], []
+    while real or links:
+        folder = real.pop() if real else links.pop(0)
+        try:
+            stat = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # a broken link or a folder that cannot be read
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    (links if entry.is_symlink() else real).append(entry.path)
+                elif entry.is_file() and _is_image(entry.name):
+                    found.append(entry.path)
+            except OSError:
+                continue
+    return sorted(found)
 
 
-def _read_files(paths: list[str], *, fs: Any) -> Iterator[Any]:
-    """Arrow tables of ``bytes`` and ``path``, ``_DECODE_BATCH`` files each."""
-    import pyarrow as pa
+def list_folder(root: str) -> FolderListing:
+    """Lists the images of the tree at ``root`` (a local path or a URI) by :class:`FolderListing`'s rules.
 
-    def read(path: str) -> bytes:
-        with fs.open_input_file(path) as fh:
-            return fh.readall()
+    Raises:
+        FileNotFoundError / ConnectionError: naming the root when it is missing or unreachable.
+    """
+    import pyarrow.fs as pafs
 
-    # Threads overlap the files' latency (object storage); Ray's own file reader uses 8 per task too.
-    with ThreadPoolExecutor(8) as pool:
-        for start in range(0, len(paths), _DECODE_BATCH):
-            part = paths[start : start + _DECODE_BATCH]
-            yield pa.table({"bytes": pa.array(list(pool.map(read, part)), pa.binary()),
-                            "path": pa.array(part, pa.string())})
+    fs, base = _filesystem(root)
+    if isinstance(fs, pafs.LocalFileSystem):
+        paths = _walk_local(base)
+    else:
+        listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        paths = sorted(e.path for e in listed if e.type == pafs.FileType.File and _is_image(e.base_name)
+                       and not any(part.startswith(".") for part in e.path[len(base) + 1:].split("/")))
+    classes = sorted({p[len(base) + 1:].split("/")[0] for p in paths if "/" in p[len(base) + 1:]})
+    return FolderListing(fs, base, paths, classes)
 
 
-def _decode_files(batch: dict[str, Any], *, decoder: Decoder, files: FolderFiles) -> dict[str, np.ndarray]:
+def _folder_files(root: str, selection: _Selection, classes_root: str) -> tuple[FolderListing, _FolderFiles]:
+    """The listing of ``root`` and the file selection of a split, labelled by ``classes_root``'s classes.
+
+    Raises:
+        DataError: naming the keys, classes and counts when evaluation would be meaningless: fewer
+            than two classes, or evaluation classes that training does not have.
+    """
+    listing = list_folder(root)
+    classes = list_folder(classes_root).classes if classes_root != root else listing.classes
+    if selection.labelled_only:
+        counts = ", ".join(f"{c}: {n}" for c, n in listing.class_counts().items()) or "none"
+        if len(listing.classes) < 2 and root == classes_root:  # the kNN bank's tree (an eval_root may hold one)
+            raise DataError(f"{root} has {len(listing.classes)} class folder(s) holding images ({counts}): evaluation "
+                            "needs labelled images of at least two classes (root/<class>/<image>; with one class every "
+                            "kNN and linear prediction is right), or set data.eval_root to such a tree")
+        unknown = sorted(set(listing.classes) - set(classes))
+        if unknown:
+            raise DataError(f"data.eval_root={root!r} has class folder(s) that data.root={classes_root!r} lacks: "
+                            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (classes are matched by "
+                            f"name; data.root has {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
+    return listing, _FolderFiles(listing.base, classes, selection)
+
+
+def _selected(listing: FolderListing, files: _FolderFiles, root: str, selection: _Selection) -> list[str]:
+    """The split's paths; an empty split is an error with the counts that explain it."""
+    paths = files(listing.paths)
+    if paths:
+        return paths
+    if not listing.paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root} (hidden files and folders, "
+                        "starting with '.', are not read)")
+    labelled = sum(files.label(p) >= 0 for p in listing.paths)
+    if selection.test_fraction is None:
+        raise DataError(f"no labelled images under {root}: of its {len(listing.paths)} images, none is in a class "
+                        "folder (root/<class>/<image>)")
+    side = "held-out" if selection.held_out_side else "training"
+    raise DataError(f"the {side} side of {root} is empty: of its {len(listing.paths)} images, {labelled} are labelled "
+                    f"and none falls on that side of data.test_fraction={selection.test_fraction}; use more images, "
+                    "another data.test_fraction, or a labelled data.eval_root")
+
+
+def _decode_files(batch: dict[str, Any], *, decoder: Decoder, files: _FolderFiles) -> dict[str, np.ndarray]:
     paths = list(batch["path"])
     return decoder.decode(list(batch["bytes"]), [files.label(p) for p in paths], paths)
 
 
-# ---------------------------------------------------------------------------- Parquet
+def folder_classes(root: str) -> list[str]:
+    """The sorted class folders directly under ``root`` that hold images (``list_folder``'s rules)."""
+    return list_folder(root).classes
 
 
-def _parquet_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
-    import pyarrow.dataset as pads
+def _shuffle(seed: int | None):
+    import ray.data
 
-    root, selection = split_root(cfg, split, max_images)
-    fs, base = open_root(root)
+    return ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
+
+
+def _image_folder(root: str, selection: _Selection, decoder: Decoder, seed: int | None, classes_root: str) -> Split:
+    import ray.data
+
+    listing, files = _folder_files(root, selection, classes_root)
+    paths = _selected(listing, files, root, selection)
+    # The listing's own paths: Ray's directory listing has other rules (it drops top-level "_" names).
+    read = ray.data.read_binary_files(paths, filesystem=listing.fs, include_paths=True, shuffle=_shuffle(seed))
+    decoded = read.map_batches(_decode_files, fn_kwargs={"decoder": decoder, "files": files}, batch_size=_DECODE_BATCH)
+    return Split(decoded, len(paths))
+
+
+def _decode_rows(batch: dict[str, Any], *, decoder: Decoder, image_column: str, label_column: str,
+                 selection: _Selection, keep_fraction: float) -> dict[str, np.ndarray]:
+    values = list(batch[image_column])
+    labels = [_label(v, label_column) for v in batch[label_column]] if label_column else [-1] * len(values)
+    keys = [v if isinstance(v, bytes) else b"" if v is None else np.asarray(v).tobytes() for v in values]
+    chosen = [i for i, key in enumerate(keys) if selection.keeps(key, labels[i])
+              and (keep_fraction >= 1 or held_out(key, keep_fraction, salt="bank"))]
+    names = [f"{image_column} value with digest {hashlib.blake2b(keys[i], digest_size=6).hexdigest()}" for i in chosen]
+    return decoder.decode([values[i] for i in chosen], [labels[i] for i in chosen], names)
+
+
+def _label(value: Any, column: str) -> int:
+    """A Parquet label cell: an integer class index, or null (unlabelled: -1).
+
+    Raises:
+        DataError: naming the column and the value when it is not an integer.
+    """
+    if value is None:
+        return -1
     try:
-        dataset = pads.dataset(base, filesystem=fs, format="parquet")
-        groups = [(f.path, g.id, g.num_rows) for f in dataset.get_fragments() for g in f.row_groups]  # footers only
+        number = float(value) if not isinstance(value, (int, np.integer)) else value
+        if number != int(number) or number < -1:
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"data.label_column={column!r} holds {value!r}: labels must be integer class indices "
+                        "(>= 0; null for unlabelled)") from None
+
+
+def _parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: Decoder, seed: int | None) -> Split:
+    import ray.data
+
+    fs, base = _filesystem(root)
+    try:
+        read = ray.data.read_parquet(base, filesystem=fs, shuffle=_shuffle(seed))
+        names = read.schema().names  # from one file's footer
     except (ValueError, OSError) as err:
         raise FileNotFoundError(f"parquet: cannot read {root}: {err}") from None
-    columns = parquet_columns(dataset.schema.names, root, cfg, selection)
-    rows = sum(n for _, _, n in groups)
-    decoding = parquet_decoding(cfg, selection, decoder, rows)  # bounded when decoded, by content hash
-    return Units("Parquet", [(path, group) for path, group, _ in groups],
-                 functools.partial(_read_row_groups, fs=fs, columns=columns), rows,
-                 decode=functools.partial(decode_rows, **decoding))
+    read = read.select_columns(_parquet_columns(names, root, cfg, selection))
+    rows = read.count()  # from the files' footers
+    decoded = read.map_batches(_decode_rows, batch_size=_DECODE_BATCH,
+                               fn_kwargs=_parquet_decoding(cfg, selection, decoder, rows))
+    return Split(decoded, rows)
 
 
-def _read_row_groups(units: list[tuple[str, int]], *, fs: Any, columns: list[str]) -> Iterator[Any]:
-    """Arrow tables of the ``columns`` of Parquet row groups, ``_DECODE_BATCH`` rows each."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _parquet_columns(names: list[str], root: str, cfg: DataConfig, selection: _Selection) -> list[str]:
+    """The image (and label) column to read, checked against the files' ``names``."""
+    for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
+        if column and column not in names:
+            raise ValueError(f"{key}={column!r} is not a column of {root}; columns: {', '.join(names)}")
+    if selection.labelled_only and not cfg.label_column:
+        raise ValueError(f"data.label_column='': evaluation on {root} needs a label column, or set data.eval_root")
+    return [cfg.image_column] + ([cfg.label_column] if cfg.label_column else [])
 
-    for path, group in units:
+
+def _parquet_decoding(cfg: DataConfig, selection: _Selection, decoder: Decoder, rows: int) -> dict[str, Any]:
+    """``_decode_rows`` keywords for a Parquet split of ``rows`` rows."""
+    keep_fraction = 1.0
+    if selection.max_images:
+        expected = rows * (1 - selection.test_fraction if selection.test_fraction and not selection.held_out_side else 1)
+        keep_fraction = min(1.0, selection.max_images / max(expected, 1))  # about max_images, by content hash
+    return {"decoder": decoder, "image_column": cfg.image_column, "label_column": cfg.label_column,
+            "selection": selection, "keep_fraction": keep_fraction}
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+
+def read_cifar_file(data: bytes, *, label_key: bytes, where: str) -> dict[str, np.ndarray]:
+    """One CIFAR python pickle (``data_batch_1``, ``test``, ...) -> ``image`` (N, 32, 32, 3), ``label``.
+
+    Raises:
+        CorruptDataError: naming a truncated or malformed pickle.
+    """
+    try:
+        entry = pickle.loads(data, encoding="bytes")
+        images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except Exception as err:  # noqa: BLE001 - unpickling garbage can raise anything; each means the same
+        raise CorruptDataError(f"{where} is truncated or not a CIFAR pickle ({type(err).__name__}: "
+                               f"{str(err)[:200]})") from None
+    if len(labels) != len(images):
+        raise CorruptDataError(f"{where} has {len(images)} images but {len(labels)} labels")
+    return {"image": np.ascontiguousarray(images.transpose(0, 2, 3, 1)), "label": labels}
+
+
+def _unpickle_cifar(batch: dict[str, Any], *, label_key: bytes) -> dict[str, np.ndarray]:
+    parts = [read_cifar_file(data, label_key=label_key, where=path) for data, path in zip(batch["bytes"], batch["path"])]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
+
+
+def _cifar_files(cfg: DataConfig, train: bool) -> tuple[list[Path], bytes]:
+    """The pickles of a CIFAR split (fetched first with ``data.download``) and its label key.
+
+    Raises:
+        FileNotFoundError: naming a missing pickle.
+    """
+    folder, train_files, test_files, label_key = _CIFAR[cfg.source]
+    root = Path(cfg.root).expanduser().resolve()
+    files = [root / folder / f for f in (train_files if train else test_files)]
+    if cfg.download and not all(f.is_file() for f in files):
+        _download(cfg.source, root)
+    for path in files:
+        if not path.is_file():
+            raise _missing(str(path), cfg.source)
+    return files, label_key
+
+
+def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
+    import ray.data
+
+    files, label_key = _cifar_files(cfg, train)
+    # One task per pickle (10,000 images each): the files are read and unpickled on the cluster.
+    ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files))
+    return ds.map_batches(_unpickle_cifar, fn_kwargs={"label_key": label_key}, batch_size=1)
+
+
+def _download(source: str, root: Path) -> None:
+    """Fetches and unpacks the official archive (needs internet); nothing is decoded here."""
+    import torchvision
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[source]
+    try:
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    except (OSError, RuntimeError, ValueError) as err:  # urllib's URLError is an OSError
+        raise ConnectionError(f"data.download=true: cannot download {source} from {cls.url} into {root} "
+                              f"({getattr(err, 'reason', err)}); put the files there by hand, or download on a "
+                              "machine with internet") from None
+
+
+# ---------------------------------------------------------------------------- STL-10
+
+
+def _read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n_images: int) -> dict[str, np.ndarray]:
+    """Images ``[id * chunk, (id + 1) * chunk)`` of an STL-10 binary, read by byte range."""
+    import pyarrow.fs as pafs
+
+    out_images, out_labels = [], []
+    for chunk in batch["id"]:
+        first = int(chunk) * _STL_CHUNK
+        count = min(_STL_CHUNK, n_images - first)
+        fs, path = pafs.FileSystem.from_uri(x_path)
         with fs.open_input_file(path) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=_DECODE_BATCH, row_groups=[group],
-                                                         columns=columns):
-                yield pa.Table.from_batches([batch])
+            raw = np.frombuffer(fh.read_at(count * _STL_BYTES, first * _STL_BYTES), dtype=np.uint8)
+        # Stored column-major per channel: (3, 96, 96) with x fastest -> (H, W, 3).
+        out_images.append(raw.reshape(count, 3, _STL_SIDE, _STL_SIDE).transpose(0, 3, 2, 1))
+        if y_path:
+            fs, path = pafs.FileSystem.from_uri(y_path)
+            with fs.open_input_file(path) as fh:
+                out_labels.append(np.frombuffer(fh.read_at(count, first), dtype=np.uint8).astype(np.int64) - 1)
+        else:
+            out_labels.append(np.full(count, -1, dtype=np.int64))
+    return {"image": np.ascontiguousarray(np.concatenate(out_images)), "label": np.concatenate(out_labels)}
 
 
-# ---------------------------------------------------------------------------- CIFAR, STL-10, digits
+def _stl10_files(cfg: DataConfig, split: str) -> tuple[str, str, int]:
+    """The image file of an STL-10 split, its label file ("" for ``unlabeled``) and its image count,
+    checked from their sizes before anything is read."""
+    folder = Path(cfg.root).expanduser().resolve() / "stl10_binary"
+    x_path = folder / f"{split}_X.bin"
+    if cfg.download and not x_path.is_file():
+        _download("stl10", Path(cfg.root).expanduser().resolve())
+    if not x_path.is_file():
+        raise _missing(str(x_path), "stl10")
+    size = x_path.stat().st_size
+    if size == 0 or size % _STL_BYTES:
+        raise CorruptDataError(f"stl10: {x_path} is truncated ({size} bytes, not a multiple of {_STL_BYTES})")
+    n_images = size // _STL_BYTES
+    y_path = ""
+    if split != "unlabeled":
+        y = folder / f"{split}_y.bin"
+        if not y.is_file():
+            raise _missing(str(y), "stl10")
+        if y.stat().st_size != n_images:
+            raise CorruptDataError(f"stl10: {y} has {y.stat().st_size} labels for {n_images} images in {x_path}")
+        y_path = str(y)
+    return str(x_path), y_path, n_images
 
 
-def _cifar_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
-    files, label_key = cifar_files(cfg, train=split != "eval_test")
-    # One unit per pickle (10,000 images each): read and unpickled where the unit is read.
-    return Units("CIFAR", [str(f) for f in files], functools.partial(_read_cifar, label_key=label_key), None,
-                 max_images=max_images)
+def _stl10_split(cfg: DataConfig, split: str) -> Split:
+    import ray.data
+
+    x_path, y_path, n_images = _stl10_files(cfg, split)
+    n_chunks = -(-n_images // _STL_CHUNK)
+    chunks = ray.data.range(n_chunks, override_num_blocks=n_chunks)  # one read task per chunk of the file
+    return Split(chunks.map_batches(_read_stl_chunk, batch_size=1,
+                                    fn_kwargs={"x_path": x_path, "y_path": y_path, "n_images": n_images}), n_images)
 
 
-def _read_cifar(paths: list[str], *, label_key: bytes) -> Iterator[dict[str, np.ndarray]]:
-    for path in paths:
-        yield read_cifar_file(Path(path).read_bytes(), label_key=label_key, where=path)
+# ---------------------------------------------------------------------------- digits
 
 
-def _check_cifar(cfg: DataConfig) -> None:
-    if not cfg.download:
-        for train in (True, False):
-            cifar_files(cfg, train)
+def _digits_rows(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+    from sscl.data.digits import load_digits_images
+
+    images, labels = load_digits_images(size)  # bundled with scikit-learn: 1,797 images, read in the task
+    index = np.asarray(batch["index"])
+    return {"image": images[index], "label": labels[index]}
 
 
-def _stl10_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
-    parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
-    units, total = [], 0
-    for part in parts:
-        x_path, y_path, n_images = stl10_files(cfg, part)  # sizes checked here, before anything is read
-        units += [(x_path, y_path, n_images, chunk) for chunk in range(-(-n_images // STL_CHUNK))]
-        total += n_images
-    return Units("STL10", units, _read_stl, total, max_images=max_images)
+def _digits(cfg: DataConfig, split: str) -> tuple[ray.data.Dataset, int]:
+    import ray.data
 
-
-def _read_stl(units: list[tuple[str, str, int, int]]) -> Iterator[dict[str, np.ndarray]]:
-    for unit in units:
-        yield read_stl_chunk(*unit)
-
-
-def _check_stl10(cfg: DataConfig) -> None:
-    if not cfg.download:
-        for part in ("train", "test"):  # unlabeled: checked when a pretraining split is described
-            stl10_files(cfg, part)
-
-
-def _digits_units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
     from sscl.data.digits import DIGITS_COUNT, split_indices
 
     train_idx, test_idx = split_indices(DIGITS_COUNT, test_fraction=cfg.test_fraction)
     index = test_idx if split == "eval_test" else train_idx
-    chunks = [index[i : i + _DIGITS_PER_UNIT] for i in range(0, len(index), _DIGITS_PER_UNIT)]
-    return Units("Digits", chunks, functools.partial(_read_digits, size=cfg.image_size), len(index),
-                 max_images=max_images)
+    rows = ray.data.from_items([{"index": int(i)} for i in index], override_num_blocks=4)
+    return rows.map_batches(_digits_rows, fn_kwargs={"size": cfg.image_size}, batch_size=512), len(index)
 
 
-def _read_digits(chunks: list[np.ndarray], *, size: int) -> Iterator[dict[str, np.ndarray]]:
-    from sscl.data.digits import load_digits_images
-
-    images, labels = load_digits_images(size)  # bundled with scikit-learn: 1,797 images, loaded where read
-    for index in chunks:
-        yield {"image": images[index], "label": labels[index]}
+# ---------------------------------------------------------------------------- the splits
 
 
-def _nothing_to_check(cfg: DataConfig) -> None:  # digits ship with scikit-learn
-    pass
+@dataclass(frozen=True)
+class Split:
+    """Attributes: dataset (lazy; columns ``image``, ``label``); num_images: how many it reads,
+    from metadata where the source has it (files listed, Parquet footers, STL-10 file sizes), so
+    undecodable images skipped later are still counted."""
+
+    dataset: Any
+    num_images: int
 
 
-SOURCES: dict[str, Source] = {
-    "imagefolder": Source(_folder_units, check_roots_exist, own_test_split=False),
-    "parquet": Source(_parquet_units, check_roots_exist, own_test_split=False),
-    "cifar10": Source(_cifar_units, _check_cifar, own_test_split=True),
-    "cifar100": Source(_cifar_units, _check_cifar, own_test_split=True),
-    "stl10": Source(_stl10_units, _check_stl10, own_test_split=True),
-    "digits": Source(_digits_units, _nothing_to_check, own_test_split=True),
-}
+def _bounded(ds: ray.data.Dataset, max_images: int, total: int | None = None) -> Split:
+    """At most about ``max_images`` rows, chosen by a hash of each image (the same every execution)."""
+    if total is None:
+        total = ds.count()  # CIFAR: unpickled in Ray tasks; only the count comes back
+    if not max_images or total <= max_images:
+        return Split(ds, total)
+    return Split(ds.map_batches(_keep_by_hash, batch_size=_DECODE_BATCH, fn_kwargs={"fraction": max_images / total}),
+                 max_images)
 
 
-def _units(cfg: DataConfig, split: str, max_images: int, decoder: Decoder) -> Units:
-    """The split's units (``max_images`` applies to evaluation sets only).
+def _keep_by_hash(batch: dict[str, np.ndarray], *, fraction: float) -> dict[str, np.ndarray]:
+    mask = np.array([held_out(img.tobytes(), fraction, salt="bank") for img in batch["image"]], dtype=bool)
+    return {k: v[mask] for k, v in batch.items()}
 
-    Raises:
-        ValueError: naming an unknown split or source, or a ``data.eval_root`` the source cannot use.
-    """
+
+def _check_split(cfg: DataConfig, split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    source = SOURCES.get(cfg.source)
-    if source is None:
-        raise ValueError(f"unknown data.source {cfg.source!r}; one of {', '.join(SOURCES)}")
-    if cfg.eval_root and source.own_test_split:
+    if cfg.eval_root and cfg.source not in ("imagefolder", "parquet"):
         raise ValueError(f"data.eval_root={cfg.eval_root!r}: for imagefolder and parquet sources; {cfg.source} has its "
                          "own test split")
-    return source.units(cfg, split, max_images if split != "pretrain" else 0, decoder)
+    if cfg.source not in ("imagefolder", "parquet", "stl10", "digits", *_CIFAR):
+        raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+def _files_of(cfg: DataConfig, split: str, max_images: int) -> tuple[str, _Selection]:
+    """Image folders and Parquet: the root a split reads and which of its images it keeps."""
+    evaluation = split != "pretrain"
+    root = cfg.eval_root if split == "eval_test" and cfg.eval_root else cfg.root
+    held = cfg.test_fraction if evaluation and not cfg.eval_root else None
+    return root, _Selection(labelled_only=evaluation, test_fraction=held, held_out_side=split == "eval_test",
+                            max_images=max_images if evaluation else 0)
 
 
 def check_roots(cfg: DataConfig) -> None:
@@ -278,20 +692,20 @@ def check_roots(cfg: DataConfig) -> None:
     Raises:
         FileNotFoundError, ConnectionError: naming the missing path or the unreachable bucket.
     """
-    source = SOURCES.get(cfg.source)
-    if source is not None:
-        source.check(cfg)
-
-
-# ---------------------------------------------------------------------------- Ray back-end
-
-
-@dataclass(frozen=True)
-class Split:
-    """Attributes: dataset (lazy; columns ``image``, ``label``); num_images: ``Units.num_images``."""
-
-    dataset: Any
-    num_images: int
+    if cfg.source in ("imagefolder", "parquet"):
+        for key, root in (("data.root", cfg.root), ("data.eval_root", cfg.eval_root)):
+            if root:
+                try:
+                    _filesystem(root)
+                except FileNotFoundError as err:
+                    where = "" if "://" in root else f" ({Path(root).expanduser().resolve()})"
+                    raise FileNotFoundError(f"{key}={root!r}{where}: {err}") from None
+    elif cfg.source in _CIFAR and not cfg.download:
+        for train in (True, False):
+            _cifar_files(cfg, train)
+    elif cfg.source == "stl10" and not cfg.download:
+        for split in ("train", "test"):  # unlabeled: checked when a pretraining split is built
+            _stl10_files(cfg, split)
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
@@ -299,15 +713,15 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
     """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64),
     or with ``encoded`` (image folders and Parquet) ``bytes`` (as stored), ``label`` and ``where``.
 
-    Only paths and metadata are read here (and, for CIFAR, the images counted in Ray tasks); images
-    are read and decoded in Ray tasks when the dataset runs, again each epoch.
+    Only paths and metadata are read here; images are read and decoded in Ray tasks when the
+    dataset runs, again each epoch.
 
     Args:
         cfg: the ``data`` section of the config.
         split: "pretrain", "eval_train" or "eval_test".
         max_images: evaluation sets: keep at most this many images (0 = all).
-        seed: pretraining: seeds the unit order, a new order each epoch and the same sequence of
-            orders after a restart; None keeps the listing order.
+        seed: file-based pretraining sources: seeds the file order, a new order each epoch and the
+            same sequence of orders after a restart; None keeps the listing order.
         bad_images: a ``BadImages`` actor handle told of every undecodable image.
         encoded: pass image folders' and Parquet's encoded images on undecoded (``placement.decode=device``).
 
@@ -317,88 +731,50 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         ValueError: naming the config key of a missing column, or a split without labels.
         CorruptDataError: naming a file whose size is wrong (found before anything is read).
     """
-    units = _units(cfg, split, max_images, Decoder(cfg.image_size, cfg.skip_corrupt, bad_images, encoded=encoded))
-    units = units.bounded(lambda unbounded: _ray_dataset(unbounded, None).count())  # CIFAR: counted in Ray tasks
-    return Split(_ray_dataset(units, seed if split == "pretrain" else None), units.num_images)
+    evaluation = split != "pretrain"
+    source = cfg.source
+    _check_split(cfg, split)
+    if source in ("imagefolder", "parquet"):
+        decoder = Decoder(cfg.image_size, cfg.skip_corrupt, bad_images, encoded=encoded)
+        root, selection = _files_of(cfg, split, max_images)
+        seed = None if evaluation else seed
+        if source == "imagefolder":
+            return _image_folder(root, selection, decoder, seed, classes_root=cfg.root)
+        return _parquet(root, cfg, selection, decoder, seed)
+    total = None
+    if source in _CIFAR:
+        ds = _cifar(cfg, train=split != "eval_test")
+    elif source == "stl10":
+        parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
+        splits = [_stl10_split(cfg, p) for p in parts]
+        ds = splits[0].dataset.union(*[s.dataset for s in splits[1:]]) if len(splits) > 1 else splits[0].dataset
+        total = sum(s.num_images for s in splits)
+    elif source == "digits":
+        ds, total = _digits(cfg, split)
+    else:
+        raise ValueError(f"unknown data.source {source!r}")
+    return _bounded(ds, max_images if evaluation else 0, total)
 
 
-def _ray_dataset(units: Units, seed: int | None) -> ray.data.Dataset:
-    import ray.data
+# ---------------------------------------------------------------------------- without Ray
 
-    ds = ray.data.read_datasource(_units_datasource()(units, seed))
-    if units.decode is None:
-        return ds
-    # Decoding is a map of its own, as after Ray's own file reader: it fuses with the views that
-    # follow (pipelines.datasets), and Ray names its tasks after the function (``_decode_files``).
-    return ds.map_batches(units.decode.func, fn_kwargs=units.decode.keywords, batch_size=_DECODE_BATCH)
-
-
-@functools.cache
-def _units_datasource() -> type:
-    """The Ray Datasource class reading ``Units`` (made on first use: ``sscl`` imports Ray only then)."""
-    import ray
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
-
-    class UnitsDatasource(Datasource):
-        """One read task per ``per_read`` units, in a seeded order that changes every execution."""
-
-        def __init__(self, units: Units, seed: int | None) -> None:
-            # The unit list travels as one object, not inside every copy of the dataset's plan.
-            self._units, self._ref, self._seed = replace(units, units=[]), ray.put(units.units), seed
-
-        def get_name(self) -> str:
-            return self._units.name
-
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
-            units = replace(self._units, units=ray.get(self._ref))
-            # Ray's own file shuffle (FileShuffleConfig) reseeds by the same execution index.
-            execution = getattr(data_context, "_execution_idx", 0)
-            n = len(units.units)
-            order = range(n) if self._seed is None else np.random.default_rng([self._seed, execution]).permutation(n)
-            unknown = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            read, tasks = units.read, []
-            for group in units.groups(order):
-                def read_units(group: list[Any] = group) -> Iterator[Any]:  # one group only, not every unit
-                    return _blocks(read, group)
-
-                tasks.append(ReadTask(read_units, unknown, per_task_row_limit=per_task_row_limit))
-            return tasks
-
-    return UnitsDatasource
-
-
-def _blocks(read: Callable[[list[Any]], Iterable[Any]], units: list[Any]) -> Iterator[Any]:
-    """Ray blocks (Arrow tables) of what ``read`` yields for ``units``."""
-    import pyarrow as pa
-    from ray.data.block import BlockAccessor
-
-    for batch in read(units):
-        yield batch if isinstance(batch, pa.Table) else BlockAccessor.batch_to_block(batch)
-
-
-# ---------------------------------------------------------------------------- local back-end
+_LOCAL_UNIT = 256  # images per read unit of an image folder or digits
 
 
 @dataclass(frozen=True)
 class LocalSplit:
-    """A split read in this process without Ray (``pipelines.train_local``): the units of
-    ``build_dataset``, read ``per_read`` at a time, never whole.
+    """A split read in this process without Ray (``pipelines.train_local``): the same files, held-out
+    sides, bounds, decoding and errors as ``build_dataset``, read unit by unit (a CIFAR pickle, 1,024
+    STL-10 images, 256 files, a Parquet row group), never whole.
 
     Attributes:
-        source: the split's units, bounded and counted.
+        units: what one read covers; read: reads one unit into ``image``/``label`` arrays;
+        num_images: as ``Split.num_images``.
     """
 
-    source: Units
-
-    @property
-    def num_images(self) -> int:
-        """As ``Split.num_images``."""
-        return self.source.num_images
+    units: list[Any]
+    read: Callable[[Any], dict[str, np.ndarray]]
+    num_images: int
 
     def batches(self, batch_size: int, *, seed: int | None = None, workers: int = 0,
                 drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -409,20 +785,15 @@ class LocalSplit:
                 None keeps the listing order.
             workers: DataLoader processes reading and decoding units (0: this process).
             drop_last: drop a last batch smaller than ``batch_size``.
-
-        Raises:
-            CorruptDataError, DataError: as the Ray dataset's tasks raise them.
         """
         import torch.utils.data
 
         rng = np.random.default_rng(seed) if seed is not None else None
-        order = range(len(self.source.units)) if rng is None else rng.permutation(len(self.source.units))
-        reads = _Reads(self.source, self.source.groups(order))
-        loader = torch.utils.data.DataLoader(reads, batch_size=None, num_workers=workers, collate_fn=lambda part: part)
+        units = self.units if rng is None else [self.units[i] for i in rng.permutation(len(self.units))]
+        loader = torch.utils.data.DataLoader(_Units(units, self.read), batch_size=None, num_workers=workers,
+                                             collate_fn=lambda part: part)
         pending, held = [], 0
         for part in loader:
-            if part is None:  # nothing read (an empty row group)
-                continue
             if "error" in part:
                 raise (CorruptDataError if part["corrupt"] else DataError)(part["error"])
             pending.append(part)
@@ -437,34 +808,26 @@ class LocalSplit:
 
 
 def local_split(cfg: DataConfig, split: str, *, max_images: int = 0) -> LocalSplit:
-    """One split for reading without Ray; only metadata is read here (and CIFAR's pickles, one at a
-    time, to count them). Arguments and errors as :func:`build_dataset`."""
-    units = _units(cfg, split, max_images, Decoder(cfg.image_size, cfg.skip_corrupt))
-    return LocalSplit(units.bounded(lambda whole: sum(len(rows["label"]) for rows in _read_rows(whole, whole.units))))
+    """One split for reading without Ray; only metadata is read here. Arguments and errors as
+    :func:`build_dataset`."""
+    _check_split(cfg, split)
+    return _local_units(cfg, split, max_images)
 
 
-def _read_rows(units: Units, group: list[Any]) -> Iterator[dict[str, np.ndarray]]:
-    """What the Ray dataset's tasks give for ``group``: ``read``, then ``decode`` (given the table's
-    columns as Python lists; Ray's batches hold the same values in NumPy arrays)."""
-    for batch in units.read(group):
-        yield batch if units.decode is None else units.decode(batch.to_pydict())
+class _Units:
+    """A map-style dataset of read units for ``torch.utils.data.DataLoader``."""
 
-
-class _Reads:
-    """A map-style dataset of reads (``per_read`` units each) for ``torch.utils.data.DataLoader``."""
-
-    def __init__(self, source: Units, groups: list[list[Any]]) -> None:
-        self.source, self.groups = source, groups
+    def __init__(self, units: list[Any], read: Callable[[Any], dict[str, np.ndarray]]) -> None:
+        self.units, self.read = units, read
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self.units)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            parts = list(_read_rows(self.source, self.groups[i]))
+            return self.read(self.units[i])
         except DataError as err:  # carried as data: a DataLoader process would re-raise it with its traceback
             return {"error": str(err), "corrupt": isinstance(err, CorruptDataError)}
-        return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")} if parts else None
 
 
 def _concat(parts: list[dict[str, np.ndarray]], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
@@ -479,3 +842,94 @@ def _chunks(rows: dict[str, np.ndarray], size: int, stop: int | None = None) -> 
     stop = len(rows["label"]) if stop is None else stop
     for start in range(0, stop, size):
         yield {k: v[start : min(start + size, stop)] for k, v in rows.items()}
+
+
+def _local_units(cfg: DataConfig, split: str, max_images: int) -> LocalSplit:
+    evaluation = split != "pretrain"
+    bound = max_images if evaluation else 0
+    if cfg.source in ("imagefolder", "parquet"):
+        root, selection = _files_of(cfg, split, bound)
+        decoder = Decoder(cfg.image_size, cfg.skip_corrupt)
+        if cfg.source == "imagefolder":
+            return _local_folder(root, selection, decoder, classes_root=cfg.root)
+        return _local_parquet(root, cfg, selection, decoder)
+    if cfg.source in _CIFAR:
+        files, label_key = _cifar_files(cfg, train=split != "eval_test")
+        units = [str(f) for f in files]
+        read = functools.partial(_read_cifar_path, label_key=label_key)
+        total = sum(len(read(f)["label"]) for f in units)  # as Ray's count: each pickle read once
+    elif cfg.source == "stl10":
+        parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
+        units, total = [], 0
+        for part in parts:
+            x_path, y_path, n_images = _stl10_files(cfg, part)
+            units += [(chunk, x_path, y_path, n_images) for chunk in range(-(-n_images // _STL_CHUNK))]
+            total += n_images
+        read = _read_stl_unit
+    else:
+        from sscl.data.digits import DIGITS_COUNT, split_indices
+
+        train_idx, test_idx = split_indices(DIGITS_COUNT, test_fraction=cfg.test_fraction)
+        index = test_idx if split == "eval_test" else train_idx
+        units, total = [index[i : i + _LOCAL_UNIT] for i in range(0, len(index), _LOCAL_UNIT)], len(index)
+        read = functools.partial(_read_digits_unit, size=cfg.image_size)
+    if bound and total > bound:
+        return LocalSplit(units, functools.partial(_bounded_read, read=read, fraction=bound / total), bound)
+    return LocalSplit(units, read, total)
+
+
+def _read_cifar_path(path: str, *, label_key: bytes) -> dict[str, np.ndarray]:
+    return read_cifar_file(Path(path).read_bytes(), label_key=label_key, where=path)
+
+
+def _read_stl_unit(unit: tuple[int, str, str, int]) -> dict[str, np.ndarray]:
+    chunk, x_path, y_path, n_images = unit
+    return _read_stl_chunk({"id": np.array([chunk])}, x_path=x_path, y_path=y_path, n_images=n_images)
+
+
+def _read_digits_unit(index: np.ndarray, *, size: int) -> dict[str, np.ndarray]:
+    return _digits_rows({"index": index}, size=size)
+
+
+def _bounded_read(unit: Any, *, read: Callable[[Any], dict[str, np.ndarray]], fraction: float) -> dict[str, np.ndarray]:
+    return _keep_by_hash(read(unit), fraction=fraction)
+
+
+def _local_folder(root: str, selection: _Selection, decoder: Decoder, classes_root: str) -> LocalSplit:
+    listing, files = _folder_files(root, selection, classes_root)
+    paths = _selected(listing, files, root, selection)
+    units = [paths[i : i + _LOCAL_UNIT] for i in range(0, len(paths), _LOCAL_UNIT)]
+    return LocalSplit(units, functools.partial(_read_folder_unit, fs=listing.fs, files=files, decoder=decoder),
+                      len(paths))
+
+
+def _read_folder_unit(paths: list[str], *, fs: Any, files: _FolderFiles, decoder: Decoder) -> dict[str, np.ndarray]:
+    data = []
+    for path in paths:
+        with fs.open_input_file(path) as fh:
+            data.append(fh.readall())
+    return decoder.decode(data, [files.label(p) for p in paths], paths)
+
+
+def _local_parquet(root: str, cfg: DataConfig, selection: _Selection, decoder: Decoder) -> LocalSplit:
+    import pyarrow.dataset as pads
+
+    fs, base = _filesystem(root)
+    try:
+        dataset = pads.dataset(base, filesystem=fs, format="parquet")
+        fragments = [(f.path, group.id) for f in dataset.get_fragments() for group in f.row_groups]  # footers only
+    except (ValueError, OSError) as err:
+        raise FileNotFoundError(f"parquet: cannot read {root}: {err}") from None
+    columns = _parquet_columns(dataset.schema.names, root, cfg, selection)
+    rows = dataset.count_rows()  # from the files' footers
+    decoding = _parquet_decoding(cfg, selection, decoder, rows)
+    return LocalSplit(fragments, functools.partial(_read_row_group, fs=fs, columns=columns, decoding=decoding), rows)
+
+
+def _read_row_group(unit: tuple[str, int], *, fs: Any, columns: list[str], decoding: dict[str, Any]) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    path, group = unit
+    with fs.open_input_file(path) as fh:
+        table = pq.ParquetFile(fh).read_row_group(group, columns=columns)
+    return _decode_rows(table.to_pydict(), **decoding)
