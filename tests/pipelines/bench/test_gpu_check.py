@@ -62,6 +62,7 @@ def table_rows(stdout: str) -> list[list[str]]:
     return body
 
 
+@pytest.mark.integration  # the whole check in a subprocess
 def test_quick_cpu_run_reports_every_section_on_torch_alone(tmp_path):
     out = tmp_path / "g.json"
     cmd = [sys.executable, "-c", RUN_WITHOUT_RAY_OR_MLFLOW, "--device", "cpu", "--quick", "--out", str(out)]
