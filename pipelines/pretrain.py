@@ -332,7 +332,8 @@ def _print_result(cfg: Config, out: dict[str, Any], labels: Sequence[str], uri: 
         print(f"load it: mlflow.pytorch.load_model('models:/{out['model_name']}/{out['version']}')")
     else:
         print(f"trained (not registered: tracking.register=false): {scores}")
-    print(f"browse:  mlflow ui --backend-store-uri {tracking.redact_uri(uri)}")
+    shown = tracking.redact_uri(uri)
+    print(f"browse:  {shown}" if uri.startswith(("http://", "https://")) else f"browse:  mlflow ui --backend-store-uri {shown}")
 
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pipelines.config_cli import parse_config

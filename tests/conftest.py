@@ -33,17 +33,61 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.unit)
 
 
+class SharedRay:
+    """One local Ray cluster for the whole test run, started by the first test that asks for it: each
+    module starting and stopping its own cost about 8 s, and the task workers it had warmed."""
+
+    context = None
+
+    def start(self):
+        import ray
+
+        if self.context is None or not ray.is_initialized():
+            # More logical CPUs than cores: 2 Train workers and the augmentation actor must fit at once.
+            # The dashboard stays on: Ray Train's placement-group cleaner asks it whether a run's
+            # controller is gone, and without it every finished run keeps its workers' CPUs reserved.
+            self.context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=free_port(),
+                                    log_to_driver=False)
+        return self.context
+
+    def stop(self) -> None:
+        """For tests that start a cluster of their own (one process joins one cluster at a time)."""
+        import ray
+
+        if self.context is not None:
+            ray.shutdown()
+            self.context = None
+
+
+shared_ray = SharedRay()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """The run's shared local cluster (4 logical CPUs, dashboard on); it outlives the module."""
+    return shared_ray.start()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts its own cluster: the shared one is stopped first (the next test asking
+    for ``ray_cluster`` starts it again)."""
+    shared_ray.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shared_ray.stop()
+
+
+def wait_for_idle_cpus(timeout_s: float = 120) -> None:
+    """Waits until no task or actor holds a CPU of the joined cluster: after a driver was killed, Ray
+    reaps its Train controller, workers and trial actors within seconds."""
     import ray
 
-    # More logical CPUs than cores: 2 Train workers and the augmentation actor must fit at once.
-    # The dashboard stays on: Ray Train's placement-group cleaner asks it whether a run's controller
-    # is gone, and without it every finished run keeps its workers' CPUs reserved.
-    context = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=free_port(),
-                       log_to_driver=False)
-    yield context
-    ray.shutdown()
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s:.0f} s: {ray.available_resources()}"
+        time.sleep(0.5)
 
 
 def free_port() -> int:
@@ -84,14 +128,6 @@ class MlflowServer:
             except subprocess.TimeoutExpired:  # a loaded machine: the server's workers were slow to exit
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    server.start()
-    yield server.uri
-    server.stop()
 
 
 @pytest.fixture

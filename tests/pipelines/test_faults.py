@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICKSTART, free_port, quick_overrides
+from conftest import QUICKSTART, free_port, quick_overrides, wait_for_idle_cpus
 from sscl.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -169,7 +169,7 @@ def test_driver_killed_mid_run_rerun_resumes_and_finishes(tmp_path, ray_cluster,
     time.sleep(4)  # into epoch 2, once Ray Train has recorded epoch 1's checkpoint
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    time.sleep(5)  # Ray reaps the dead driver's Train controller and workers
+    wait_for_idle_cpus()  # Ray reaps the dead driver's actors
 
     result = main(load_config(QUICKSTART, overrides))  # the same command again
     assert result["epochs"] == 3

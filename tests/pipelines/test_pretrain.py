@@ -1,5 +1,5 @@
-"""End to end on the offline digits: a real local Ray cluster, 2 Train workers, MLflow on sqlite
-and a real ``mlflow server`` process on 127.0.0.1."""
+"""End to end on the offline digits: a real local Ray cluster, 2 Train workers and a real ``mlflow
+server`` process on 127.0.0.1 (sqlite behind it, artifacts proxied)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from pipelines import evaluate, registry
 
 from sscl.config import load_config
-from conftest import QUICKSTART, free_port, quick_overrides
+from conftest import QUICKSTART, MlflowServer, free_port, quick_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -25,24 +25,37 @@ def quick_cfg(tmp_path, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
+def server(tmp_path_factory):
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, server, tmp_path_factory):
     """Two epochs through the command line, as a user runs it; then the same run name extended to
-    four epochs; then the same command once more."""
+    four epochs; then the same command once more. All three log to the MLflow server and make the
+    views inside the training loop (placement.views=trainer, here on the CPU device)."""
     from pipelines.pretrain import main
 
     tmp = tmp_path_factory.mktemp("pretrain")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}  # the job joins this cluster
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "pipelines.pretrain", "--config", str(QUICKSTART),
-               *quick_overrides(tmp, "train.epochs=2")]
+               *run_overrides(tmp, server.uri, "train.epochs=2")]
     console = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert console.returncode == 0, console.stderr[-3000:]
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.chdir(tmp)  # MLflow puts a sqlite store's artifacts in ./mlruns
-        second = main(quick_cfg(tmp, "train.epochs=4"))
-        again = main(quick_cfg(tmp, "train.epochs=4"))
-    return SimpleNamespace(tmp=tmp, uri=f"sqlite:///{tmp}/mlflow.db", console=console, second=second, again=again)
+        patch.chdir(tmp)
+        second = main(load_config(QUICKSTART, run_overrides(tmp, server.uri, "train.epochs=4")))
+        again = main(load_config(QUICKSTART, run_overrides(tmp, server.uri, "train.epochs=4")))
+    return SimpleNamespace(tmp=tmp, uri=server.uri, store=server.folder, console=console, second=second, again=again)
+
+
+def run_overrides(tmp, server: str, *extra: str) -> list[str]:
+    return quick_overrides(tmp, f"tracking.uri={server}", "placement.views=trainer", *extra)
 
 
 @pytest.fixture
@@ -50,9 +63,8 @@ def client(trained, monkeypatch):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it, in earlier tests too
-    monkeypatch.chdir(trained.tmp)
     mlflow.set_tracking_uri(trained.uri)
-    return mlflow.MlflowClient()
+    return mlflow.MlflowClient(trained.uri)
 
 
 def test_console_shows_settings_progress_and_result_without_ray_internals(trained):
@@ -65,7 +77,8 @@ def test_console_shows_settings_progress_and_result_without_ray_internals(traine
     assert [line.split("  loss")[0] for line in ours if line.startswith("epoch") and "steps" not in line] == [
         "epoch   1/2", "epoch   2/2"]
     assert ours[-3].startswith("registered sscl-digits version 1 (champion): kNN top-1")
-    assert ours[-2] == "load it: mlflow.pytorch.load_model('models:/sscl-digits/1')" and ours[-1].startswith("browse:")
+    assert ours[-2] == "load it: mlflow.pytorch.load_model('models:/sscl-digits/1')"
+    assert ours[-1] == f"browse:  {trained.uri}"  # the server's own UI
     known = ("run ", "before training", "epoch ", "registered ", "load it", "browse")
     assert [line for line in ours if not line.startswith(known)] == []
 
@@ -93,7 +106,7 @@ def test_rerun_with_other_values_is_refused_naming_each_key_before_ray_starts(tr
                             ["loss.temperature: 0.2 (recorded) -> 0.5", "model.width: 0.125 (recorded) -> 0.25"]),
                            (["train.epochs=3"], ["train.epochs: 4 (recorded) -> 3"])):
         with pytest.raises(ValueError) as err:
-            main(quick_cfg(trained.tmp, "train.epochs=4", *changed))
+            main(load_config(QUICKSTART, run_overrides(trained.tmp, trained.uri, "train.epochs=4", *changed)))
         assert all(line in str(err.value) for line in named), str(err.value)
         assert "or a new train.run_name" in str(err.value)
     assert client.get_run(trained.second["run_id"]).info.status == "FINISHED"  # nothing was opened or trained
@@ -138,7 +151,7 @@ def test_registered_encoders_load_by_alias_and_version_without_pickle(trained, c
 
 
 def test_evaluating_the_registered_encoder_reproduces_the_recorded_score(trained, client):
-    evaluated = evaluate.main(quick_cfg(trained.tmp), "models:/sscl-digits/2")
+    evaluated = evaluate.main(load_config(QUICKSTART, run_overrides(trained.tmp, trained.uri)), "models:/sscl-digits/2")
     assert abs(evaluated["knn_top1"] - trained.second["final_knn_top1"]) <= 0.01
 
 
@@ -164,19 +177,12 @@ def test_registry_lists_shows_promotes_and_embeds(trained, client, tmp_path):
         registry.promote("sscl-digits", "1", "latest", uri)
 
 
-def test_pretrain_logs_to_a_real_mlflow_server(tmp_path, ray_cluster, mlflow_server, monkeypatch):
-    from mlflow import MlflowClient
-
-    from pipelines.pretrain import main
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    # Also covers placement.views=trainer: views made inside the training loop (here on the CPU device).
-    result = main(quick_cfg(tmp_path, "train.epochs=1", "train.run_name=server-run", "tracking.model_name=server-model",
-                            "placement.views=trainer"))
-    client = MlflowClient(tracking_uri=mlflow_server)
-    run = client.get_run(result["run_id"])
-    assert run.data.params["train.run_name"] == "server-run" and "final_knn_top1" in run.data.metrics
-    assert client.get_model_version_by_alias("server-model", "champion").version == "1"
+def test_the_runs_artifacts_went_through_the_server_into_its_store(trained, client):
+    run = client.get_run(trained.second["run_id"])
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the job needs no access to the store
+    stored = trained.store / "artifacts"
+    assert any(stored.rglob("MLmodel")) and any(stored.rglob("curves.png"))
+    assert not (trained.tmp / "mlruns").exists()
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
@@ -190,14 +196,13 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
     assert not (tmp_path / "ray").exists()  # no training started
 
 
-def test_tracking_checks_send_credentials_and_know_an_mlflow_server(mlflow_server, tmp_path):
+def test_tracking_checks_send_credentials_and_know_an_mlflow_server(server, tmp_path):
     import http.server
     import threading
 
     from sscl import tracking
 
-    port = int(mlflow_server.rsplit(":", 1)[1])
-    tracking.check_tracking_server(f"http://someone:p%40ss@127.0.0.1:{port}")  # user info: basic auth, not a failure
+    tracking.check_tracking_server(f"http://someone:p%40ss@127.0.0.1:{server.port}")  # user info: basic auth, not a failure
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
@@ -209,18 +214,18 @@ def test_tracking_checks_send_credentials_and_know_an_mlflow_server(mlflow_serve
         def log_message(self, *args):
             pass
 
-    servers = {name: http.server.HTTPServer(("127.0.0.1", 0), Answer) for name in ("web", "auth")}
-    ports = {name: server.server_port for name, server in servers.items()}
-    for server in servers.values():
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    answering = {name: http.server.HTTPServer(("127.0.0.1", 0), Answer) for name in ("web", "auth")}
+    ports = {name: web.server_port for name, web in answering.items()}
+    for web in answering.values():
+        threading.Thread(target=web.serve_forever, daemon=True).start()
     try:
         with pytest.raises(ConnectionError, match="answers HTTP but is not an MLflow tracking server"):
             tracking.check_tracking_server(f"http://127.0.0.1:{ports['web']}")
         with pytest.raises(ConnectionError, match=r"answered 401 on /version \(the credentials were refused\)"):
             tracking.check_tracking_server(f"http://127.0.0.1:{ports['auth']}")
     finally:
-        for server in servers.values():
-            server.shutdown()
+        for web in answering.values():
+            web.shutdown()
     with pytest.raises(ValueError, match="is a folder"):
         tracking.check_tracking_server(f"sqlite:///{tmp_path}")
     with pytest.raises(ValueError, match="no plain file store"):

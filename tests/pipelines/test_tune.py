@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QUICKSTART, quick_overrides
+from conftest import QUICKSTART, quick_overrides, wait_for_idle_cpus
 from sscl.config import apply_overrides, load_config
 from sscl.search_space import load_space
 
@@ -173,7 +173,7 @@ def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    time.sleep(5)  # Ray reaps the dead driver's trial actors and Train workers
+    wait_for_idle_cpus()  # Ray reaps the dead driver's actors
 
     cfg = load_config(QUICKSTART, args)
     out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), preset=str(QUICKSTART), overrides=args)

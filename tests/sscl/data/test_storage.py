@@ -14,7 +14,7 @@ import pytest
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(own_ray):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -78,7 +78,7 @@ def _can_mask_a_folder() -> bool:
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("unshare") is None or not _can_mask_a_folder(),
                     reason="needs mount namespaces (unshare) to give one node a different view of a folder")
-def test_storage_a_node_cannot_see_is_refused_naming_the_keys_and_the_fix(tmp_path):
+def test_storage_a_node_cannot_see_is_refused_naming_the_keys_and_the_fix(tmp_path, own_ray):
     import ray
     from ray.cluster_utils import Cluster
 
