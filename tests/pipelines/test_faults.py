@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient  # here: imported first in a test's thread, it can deadlock the main thread's import
 
 from conftest import QUICKSTART, free_port, quick_overrides, wait_for_idle_cpus
 from sscl.config import load_config
@@ -30,8 +31,6 @@ def wait_for(condition, timeout_s: float = 600, what: str = "condition") -> None
 
 def logged_steps(uri: str, run_name: str, metric: str = "knn_top1") -> list[int]:
     """Steps of ``metric`` in the run named ``run_name`` (empty while it does not exist)."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(uri)
     try:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -57,8 +56,6 @@ def checkpointed_epoch(run_dir: Path) -> int:
 
 
 def first_epoch_loss(uri: str, run_name: str) -> float:
-    from mlflow import MlflowClient
-
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 f"tags.`sscl.run_name` = '{run_name}'")

@@ -35,8 +35,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(ray_cluster, server, tmp_path_factory):
     """Two epochs through the command line, as a user runs it; then the same run name extended to
-    four epochs; then the same command once more. All three log to the MLflow server and make the
-    views inside the training loop (placement.views=trainer, here on the CPU device)."""
+    four epochs; then the same command once more. All three log to the MLflow server."""
     from pipelines.pretrain import main
 
     tmp = tmp_path_factory.mktemp("pretrain")
@@ -55,7 +54,7 @@ def trained(ray_cluster, server, tmp_path_factory):
 
 
 def run_overrides(tmp, server: str, *extra: str) -> list[str]:
-    return quick_overrides(tmp, f"tracking.uri={server}", "placement.views=trainer", *extra)
+    return quick_overrides(tmp, f"tracking.uri={server}", *extra)
 
 
 @pytest.fixture

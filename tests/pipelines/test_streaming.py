@@ -134,8 +134,9 @@ def test_evaluation_on_two_workers_equals_one_process_on_the_same_features(tmp_p
     from sscl.evaluate import extract_features, knn_top1, linear_probe_top1
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Also covers placement.views=trainer: views made inside the training loop (here on the CPU device).
     cfg = load_config(QUICKSTART, quick_overrides(tmp_path, "train.epochs=1", "tracking.register=false",
-                                                  "train.run_name=eval-equal"))
+                                                  "train.run_name=eval-equal", "placement.views=trainer"))
     assert cfg.scaling.num_workers == 2
     result = main(cfg)
     from ray.train import Checkpoint
