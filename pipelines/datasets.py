@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
-from sscl.data.sources import BadImages, build_dataset
+from sscl.data.decode import BadImages
+from sscl.data.sources import build_dataset
 from sscl.evaluate import check_bank
 
 if TYPE_CHECKING:

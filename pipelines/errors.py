@@ -44,7 +44,7 @@ def user_error(err: BaseException) -> BaseException | None:
 def unwrap(err: BaseException) -> BaseException:
     """The user's error inside Ray's task and worker wrappers (``RayTaskError``, Ray Train's
     ``WorkerGroupError`` / ``TrainingFailedError``), when one of them carries a data error."""
-    from sscl.data.sources import DataError
+    from sscl.data.decode import DataError
 
     seen: set[int] = set()
     pending: list[BaseException] = [err]

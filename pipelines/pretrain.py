@@ -32,7 +32,8 @@ from pipelines.ray_checks import (alive_resources, check_resources, check_storag
 from pipelines.worker import SIMILARITIES_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
-from sscl.data.sources import DataError, check_roots
+from sscl.data.decode import DataError
+from sscl.data.sources import check_roots
 from sscl.recipe import TrainingState
 
 

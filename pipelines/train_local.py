@@ -1,5 +1,5 @@
 """Pretraining in one plain process on one device, without Ray or MLflow: the same presets, keys and
-data sources as ``pipelines.pretrain``, read in this process (``sscl.data.sources.local_split``).
+data sources as ``pipelines.pretrain``, read in this process (``sscl.data.local.local_split``).
 Useful on a GPU box that has only PyTorch, and for quick checks.
 
     python -m pipelines.train_local --config pipelines/configs/cifar10.yaml data.root=~/data --device cuda
@@ -24,7 +24,7 @@ import torch
 
 from pipelines.errors import guarded
 from sscl.config import Config, to_dict
-from sscl.data.sources import local_split
+from sscl.data.local import local_split
 from sscl.evaluate import check_bank
 from sscl.recipe import Recipe
 

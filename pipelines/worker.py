@@ -14,7 +14,7 @@ import torch
 
 from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config, from_dict
-from sscl.data.sources import DataError
+from sscl.data.decode import DataError
 from sscl.recipe import EpochMetrics, Recipe, TrainingState
 from sscl.tracking import EpochLogger
 
@@ -131,7 +131,7 @@ def _epoch_batches(shard: Any, cfg: Config, per_worker: int, device: torch.devic
 
 def _decoded_here(batches, cfg: Config, per_worker: int, device: torch.device, world: int, bad_images: Any):
     from sscl.data.device_decode import decode_batch
-    from sscl.data.sources import Decoder
+    from sscl.data.decode import Decoder
 
     decoder = Decoder(cfg.data.image_size, cfg.data.skip_corrupt, bad_images)
 

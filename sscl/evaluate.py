@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sscl.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize_images
-from sscl.data.sources import DataError
+from sscl.data.decode import DataError
 
 __all__ = ["check_bank", "evaluate_encoder", "extract_features", "gather_rows", "knn_predict", "knn_top1", "linear_probe_top1"]
 

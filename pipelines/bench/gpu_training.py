@@ -177,7 +177,7 @@ class _StoredFiles(torch.utils.data.Dataset):
         data = self.paths[i].read_bytes()
         if self.size is None:
             return data, str(self.paths[i])
-        from sscl.data.sources import decode_image
+        from sscl.data.decode import decode_image
 
         return torch.from_numpy(decode_image(data, self.size, str(self.paths[i])).copy())
 
@@ -212,7 +212,7 @@ def time_end_to_end(device: torch.device, plan: Plan) -> list[Row]:
         The correctness row of the truncated file, then img/s of the step only and of each path.
     """
     from sscl.data.device_decode import decode_batch
-    from sscl.data.sources import CorruptDataError
+    from sscl.data.decode import CorruptDataError
 
     case, section = plan.e2e, "end to end"
     rows = []

@@ -136,7 +136,7 @@ def bench_ingest(n_images: int = 4000, memory_sizes: Sequence[int] = (5000, 5000
 
     from pipelines.datasets import use_data_settings
     from pipelines.ray_checks import init_ray, wait_warm
-    from sscl.data.sources import list_folder
+    from sscl.data.formats import list_folder
 
     (width, height), image_size, crop, blur_p, where = INGEST_SETTINGS[setting]
     views = where == "ray_data"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sscl.data.sources import CorruptDataError, decode_image
+from sscl.data.decode import CorruptDataError, decode_image
 
 _JPEG_START = b"\xff\xd8\xff"
 

@@ -17,7 +17,7 @@ import torch
 from pipelines.bench.ingest import write_jpeg_folder
 from sscl.build import model_from_config
 from sscl.config import load_config
-from sscl.data.sources import DataError
+from sscl.data.decode import DataError
 from conftest import QUICKSTART, quick_overrides
 
 pytestmark = pytest.mark.integration

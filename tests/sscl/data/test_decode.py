@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sscl.data.sources import CorruptDataError, decode_image
+from sscl.data.decode import CorruptDataError, decode_image
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:

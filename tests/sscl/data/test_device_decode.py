@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sscl.data.device_decode import decode_batch
-from sscl.data.sources import CorruptDataError, DataError, Decoder, decode_image
+from sscl.data.decode import CorruptDataError, DataError, Decoder, decode_image
 
 
 def photo(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from sscl.config import load_config
-from sscl.data.sources import BadImages, CorruptDataError, DataError, build_dataset, list_folder, read_cifar_file
+from sscl.data.decode import BadImages, CorruptDataError, DataError
+from sscl.data.formats import list_folder, read_cifar_file
+from sscl.data.sources import build_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -285,7 +287,7 @@ def test_digits_offline_split():
 
 
 def local_rows(cfg, split, *, max_images=0, seed=None):
-    from sscl.data.sources import local_split
+    from sscl.data.local import local_split
 
     local = local_split(cfg, split, max_images=max_images)
     assert local.num_images == build_dataset(cfg, split, max_images=max_images).num_images
@@ -328,7 +330,7 @@ def test_local_split_reads_exactly_what_the_ray_dataset_streams(tmp_path, split)
 
 
 def test_local_split_shuffles_by_seed_in_worker_processes_and_name_bad_files(tmp_path):
-    from sscl.data.sources import local_split
+    from sscl.data.local import local_split
 
     cfg = every_source(tmp_path)["imagefolder"]
 
@@ -366,7 +368,7 @@ def test_one_listing_rules_underscores_in_hidden_out_links_followed_once(tmp_pat
                      "cat/_3.PNG", "linked/0.png", "linked/1.png"]
     assert listing.classes == ["_private", "cat", "linked"]
     cfg = data_cfg(source="imagefolder", root=str(tmp_path / "root"), image_size=8)
-    from sscl.data.sources import local_split
+    from sscl.data.local import local_split
 
     for split in ("pretrain", "eval_train"):  # both back-ends read the same images
         assert build_dataset(cfg, split).num_images == local_split(cfg, split).num_images
