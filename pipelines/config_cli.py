@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from pipelines import console
-from sscl.config import Config, ConfigError, describe_keys, load_config, to_dict
+from sscl.config import Config, ConfigError, describe_keys, load_config, load_section, to_dict
 
 
 class _Once(argparse.Action):
@@ -38,12 +38,18 @@ def parse_config(argv: Sequence[str] | None, *, prog: str, description: str = ""
 
 
 def parse_config_and_flags(argv: Sequence[str] | None, *, prog: str, description: str = "",
-                           add_flags: Callable[[argparse.ArgumentParser], None] | None = None
-                           ) -> tuple[Config, argparse.Namespace]:
-    """As :func:`parse_config`, with a command's own flags (added by ``add_flags``) returned too."""
+                           add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                           tool: tuple[str, type] | None = None) -> tuple[Config, argparse.Namespace]:
+    """As :func:`parse_config`, with a command's own flags (added by ``add_flags``) returned too.
+
+    ``tool``: (section name, dataclass) of the command's own settings (``sscl.config.TOOL_SECTIONS``):
+    the preset's block and the overrides of that section, loaded into ``args.tool``.
+    """
+    sections = {tool[0]: tool[1]} if tool else {}
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="configuration keys (override with section.key=value):\n" + describe_keys(),
+        epilog="configuration keys (override with section.key=value):\n" + describe_keys() +
+               ("\n" + describe_keys(sections) if tool else ""),
     )
     parser.add_argument("--config", action=_Once, help="YAML preset, e.g. pipelines/configs/quickstart.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -53,22 +59,35 @@ def parse_config_and_flags(argv: Sequence[str] | None, *, prog: str, description
         add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    own = [o for o in args.overrides if tool and o.partition("=")[0].partition(".")[0] == tool[0]]
+    problems = []
     try:
-        cfg = load_config(args.config, args.overrides)
+        try:
+            cfg = load_config(args.config, [o for o in args.overrides if o not in own])
+        except ConfigError as err:
+            problems += err.problems
+        if tool:
+            try:
+                args.tool = load_section(tool[1], tool[0], args.config, own)
+            except ConfigError as err:
+                problems += err.problems
+        if problems:
+            raise ConfigError(problems)
     except (ConfigError, FileNotFoundError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
-        print(config_yaml(cfg), end="")
+        print(config_yaml(cfg, {tool[0]: args.tool} if tool else {}), end="")
         raise SystemExit(0)
     console.setup(args.verbose, LOG_DIR / f"{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     return cfg, args
 
 
-def config_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, with any credentials in the tracking URI redacted."""
+def config_yaml(cfg: Config, tools: dict[str, Any] | None = None) -> str:
+    """The resolved config (and a tool's own sections, ``tools``: name -> dataclass) as YAML, with any
+    credentials in the tracking URI redacted."""
     from sscl.tracking import redact_uri
 
-    tree = to_dict(cfg)
+    tree = to_dict(cfg) | {name: to_dict(section) for name, section in (tools or {}).items()}
     tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
     return yaml.safe_dump(tree, sort_keys=False)

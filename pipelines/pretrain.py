@@ -197,8 +197,7 @@ def main(cfg: Config, *, command: str = "") -> dict[str, Any]:
     check_resources(cfg, alive_resources())  # scaling the cluster cannot hold fails here, before a run is created
     bad_images = bad_images_actor()
     datasets, n_pretrain = build_datasets(cfg, bad_images)  # bad paths fail here, too
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}  # a sweep's keys are its own
-    run_id = open_run(cfg, uri, run_name=cfg.train.run_name, params=params)
+    run_id = open_run(cfg, uri, run_name=cfg.train.run_name, params=flatten(cfg))
     print(settings_line(cfg, n_pretrain, uri))
     finished = _finished_result(cfg, uri, run_id)
     if finished is not None:

@@ -38,7 +38,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "choice", "grid")
 # Keys a trial must not change: they say where data, checkpoints and runs live, how the sweep
 # itself runs, or the budget ASHA schedules against.
 NOT_SEARCHABLE = {
-    "tune": "the sweep's own settings",
+    "tune": "the sweep's own settings, not a trial's",
     "tracking": "where results are recorded",
     "scaling": "the resources each trial reserves",
     "data.source": "the dataset", "data.root": "the dataset", "data.download": "the dataset",
@@ -138,14 +138,14 @@ def parse_space(tree: Any, base: Config, *, source: str = "<space>") -> SearchSp
 
 
 def _searchable(key: str, problems: list[str]) -> bool:
+    reason = NOT_SEARCHABLE.get(key) or NOT_SEARCHABLE.get(key.partition(".")[0])
+    if reason:
+        problems.append(f"{key}: cannot be searched ({reason}); set it on the command line instead")
+        return False
     try:
         field_info(key)
     except KeyError as err:
         problems.append(err.args[0])
-        return False
-    reason = NOT_SEARCHABLE.get(key) or NOT_SEARCHABLE.get(key.partition(".")[0])
-    if reason:
-        problems.append(f"{key}: cannot be searched ({reason}); set it on the command line instead")
         return False
     return True
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 from sscl.config.schema import Config, DataConfig, LossConfig
@@ -66,11 +65,6 @@ def cross_check(cfg: Config, problems: list[str]) -> None:
     for key, value in (("train.run_name", name), ("tracking.model_name", cfg.tracking.model_name)):
         if "'" in value and '"' in value:
             problems.append(f"{key}={value!r}: may hold ' or \" but not both (MLflow's search syntax cannot quote it)")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", cfg.tune.name):
-        problems.append(f"tune.name={cfg.tune.name!r}: use letters, digits, '-' and '_' (it names folders and a "
-                        "registry alias)")
-    if cfg.tune.grace_period > cfg.train.epochs:
-        problems.append(f"tune.grace_period={cfg.tune.grace_period}: must be <= train.epochs={cfg.train.epochs}")
     if cfg.data.eval_root and cfg.data.source not in ("imagefolder", "parquet"):
         problems.append(f"data.eval_root={cfg.data.eval_root!r}: only for the imagefolder and parquet sources "
                         f"({cfg.data.source} has its own test split)")

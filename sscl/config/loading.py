@@ -78,18 +78,18 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, problems: list[str])
     section[parts[1]] = value
 
 
-def _parse_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
+def _parse_override(text: str, problems: list[str], sections: Mapping[str, type] | None = None
+                    ) -> tuple[str, Any] | None:
     """``key=value`` -> (key, value); the value is YAML, except for a text key, which takes it as typed
-    (``train.run_name=2024`` or ``=1:30`` is that text, not a number)."""
+    (``train.run_name=2024`` or ``=1:30`` is that text, not a number). ``sections``: where the key's
+    type is looked up (default: the training config's)."""
     if "=" not in text:
         problems.append(f"{text}: overrides are key=value (e.g. loss.temperature=0.2)")
         return None
     key, raw = text.split("=", 1)
     key = key.strip()
-    try:
-        hint = field_info(key)[0]
-    except KeyError:
-        hint = None  # reported when the tree is built
+    section, _, name = key.partition(".")
+    hint = _hints((sections or _sections())[section]).get(name) if section in (sections or _sections()) else None
     if hint is str:
         return key, raw
     try:
@@ -252,17 +252,54 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: must be a mapping of sections, got {type(loaded).__name__}"])
         tree = {k: dict(v) if isinstance(v, dict) else v for k, v in loaded.items()}
+    for tool in TOOL_SECTIONS:
+        tree.pop(tool, None)  # the tool's own block (load_section)
     preset = tree.get("loss")
     preset_keys = [f"loss.{k}" for k in preset if isinstance(k, str)] if isinstance(preset, dict) else []
     override_keys = []
     for text in overrides:  # in order: a later override of a key wins, as a wrapper script's own arguments should
         parsed = _parse_override(text, problems)
-        if parsed:
+        if parsed and parsed[0].partition(".")[0] in TOOL_SECTIONS:
+            problems.append(f"{parsed[0]}: a setting of {TOOL_SECTIONS[parsed[0].partition('.')[0]]}; this command "
+                            "does not take it")
+        elif parsed:
             _set_dotted(tree, *parsed, problems)
             override_keys.append(parsed[0])
     # Keys the chosen loss must take: the command line's, and the preset's unless the command line picks the loss.
     given = override_keys if "loss.name" in override_keys else [*preset_keys, *override_keys]
     return _from_tree(tree, problems, given)
+
+
+# Sections a tool owns in the same YAML, with the command that takes them: a preset may hold such a
+# block, which ``load_config`` leaves to the tool (``load_section``); the training config has no such keys.
+TOOL_SECTIONS = {"tune": "python -m pipelines.tune"}
+
+
+def load_section(cls: type, name: str, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
+    """A tool's own section (one of ``TOOL_SECTIONS``): the preset's ``name:`` block, then the
+    ``name.key=value`` overrides, every value checked against ``cls``'s types and bounds.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value.
+    """
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    loaded = read_yaml_file(Path(path), "config file") if path is not None else None
+    block = loaded.get(name, {}) if isinstance(loaded, dict) else {}
+    if isinstance(block, dict):
+        values.update(block)
+    else:
+        problems.append(f"{name}: must be a mapping of keys, got {block!r}")
+    for text in overrides:
+        parsed = _parse_override(text, problems, sections={name: cls})
+        if parsed and parsed[0].partition(".")[0] != name:
+            problems.append(f"{parsed[0]}: not a {name}.* key")
+        elif parsed:
+            values[parsed[0].partition(".")[2]] = parsed[1]
+    built = _build_section(name, cls, values, problems)
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 def _from_tree(tree: Mapping[str, Any], problems: list[str], given: Iterable[str] = ()) -> Config:
@@ -343,10 +380,11 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
 
 
-def describe_keys() -> str:
-    """One line per key: dotted name, default and help (for ``--help``)."""
+def describe_keys(sections: Mapping[str, type] | None = None) -> str:
+    """One line per key of ``sections`` (default: the training config's): dotted name, default and
+    help (for ``--help``)."""
     lines = []
-    for name, cls in _sections().items():
+    for name, cls in (sections or _sections()).items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")

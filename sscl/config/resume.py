@@ -36,7 +36,7 @@ def resume_changes(recorded: Mapping[str, str], cfg: Config, *, trained_epochs: 
 
     allowed, refused = {}, {}
     for key, value in flatten(cfg).items():
-        if key.startswith("tune.") or key not in recorded:
+        if key not in recorded:
             continue
         new = redact_uri(str(value)) if key == "tracking.uri" else str(value)
         if new == recorded[key]:

@@ -44,15 +44,15 @@ def sweep(ray_cluster, tmp_path_factory):
     # at a time, ASHA (grace 1 epoch, keep the top half) stops the weak ones after their first epoch.
     (tmp / "space.yaml").write_text("optim.lr: {grid: [0.3, 0.0001, 0.0001]}\nloss.name: sscl\n")
     args = sweep_args(tmp, "lr", "tune.num_samples=1", "tune.reduction_factor=2", "optim.name=sgd")
-    cfg = load_config(QUICKSTART, args)
+    cfg, settings = tune.load(QUICKSTART, args)
     space = load_space(tmp / "space.yaml", cfg)
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.chdir(tmp)
-        out = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
-        again = tune.main(cfg, space, preset=str(QUICKSTART), overrides=args)
-    return SimpleNamespace(tmp=tmp, cfg=cfg, out=out, again=again, printed=printed.getvalue(),
+        out = tune.main(cfg, space, sweep=settings, preset=str(QUICKSTART), overrides=args)
+        again = tune.main(cfg, space, sweep=settings, preset=str(QUICKSTART), overrides=args)
+    return SimpleNamespace(tmp=tmp, cfg=cfg, settings=settings, out=out, again=again, printed=printed.getvalue(),
                            uri=f"sqlite:///{tmp}/mlflow.db")
 
 
@@ -120,7 +120,8 @@ def test_the_printed_command_reproduces_the_best_trial(sweep):
     rebuilt = load_config(words[4], words[5:])
     assert rebuilt.optim.lr == 0.3 and rebuilt.train.run_name == "lr-best"
     trained = apply_overrides(rebuilt, {"train.run_name": cfg.train.run_name})
-    assert replace(trained, tune=cfg.tune) == apply_overrides(cfg, out["best"]["values"])  # no tune.* keys
+    assert trained == apply_overrides(cfg, out["best"]["values"])
+    assert not any(word.startswith("tune.") for word in words)  # a sweep's settings are not a training's
 
 
 def test_the_same_command_again_reruns_and_registers_nothing(sweep, client):
@@ -135,10 +136,13 @@ def test_a_different_space_under_the_same_sweep_name_is_refused(sweep, client):
 
     (sweep.tmp / "other.yaml").write_text("optim.lr: {grid: [0.1]}\n")
     with pytest.raises(ValueError, match="tune.name='lr' already names a sweep .*\n  the search space"):
-        tune.main(sweep.cfg, load_space(sweep.tmp / "other.yaml", sweep.cfg))
+        tune.main(sweep.cfg, load_space(sweep.tmp / "other.yaml", sweep.cfg), sweep=sweep.settings)
     changed = apply_overrides(sweep.cfg, {"loss.temperature": 0.7})
     with pytest.raises(ValueError, match=r"\n  loss.temperature: 0.2 \(recorded\) -> 0.7\n"):
-        tune.main(changed, load_space(sweep.tmp / "space.yaml", changed))
+        tune.main(changed, load_space(sweep.tmp / "space.yaml", changed), sweep=sweep.settings)
+    fewer = replace(sweep.settings, reduction_factor=3.0)  # the sweep's own settings are compared too
+    with pytest.raises(ValueError, match=r"\n  tune.reduction_factor: 2.0 \(recorded\) -> 3.0\n"):
+        tune.main(sweep.cfg, load_space(sweep.tmp / "space.yaml", sweep.cfg), sweep=fewer)
 
 
 def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
@@ -175,8 +179,9 @@ def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
     proc.wait(timeout=30)
     wait_for_idle_cpus()  # Ray reaps the dead driver's actors
 
-    cfg = load_config(QUICKSTART, args)
-    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), preset=str(QUICKSTART), overrides=args)
+    cfg, settings = tune.load(QUICKSTART, args)
+    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), sweep=settings, preset=str(QUICKSTART),
+                    overrides=args)
     assert len(out["trials"]) == 2 and all(r["status"] == "finished" for r in out["trials"])
     children = child_runs(client, out["run_id"])
     assert len(children) == 2  # the same two trials, continued: none started over as a new trial
@@ -197,8 +202,8 @@ def test_a_failing_trial_is_retried_then_reported_and_the_sweep_goes_on(tmp_path
     # searched, the space itself would be refused before any trial.)
     (tmp_path / "space.yaml").write_text("data.batch_size: {grid: [20, 64]}\nloss.n_hard: {grid: [64]}\n")
     args = sweep_args(tmp_path, "failing", "tune.num_samples=1", "train.epochs=1", "tune.max_failures=1")
-    cfg = load_config(QUICKSTART, args)
-    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg))
+    cfg, settings = tune.load(QUICKSTART, args)
+    out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), sweep=settings)
     by_batch = {r["values"]["data.batch_size"]: r for r in out["trials"]}
     assert by_batch[20]["status"] == "failed" and "loss.n_hard=64" in by_batch[20]["error"]
     assert by_batch[64]["status"] == "finished" and out["best"]["values"]["data.batch_size"] == 64
