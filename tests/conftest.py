@@ -79,14 +79,22 @@ def pytest_sessionfinish(session, exitstatus):
     shared_ray.stop()
 
 
-def wait_for_idle_cpus(timeout_s: float = 120) -> None:
-    """Waits until no task or actor holds a CPU of the joined cluster: after a driver was killed, Ray
-    reaps its Train controller, workers and trial actors within seconds."""
+def wait_for_dead_drivers_reaped(timeout_s: float = 120) -> None:
+    """Waits until no actor of another job (a driver this test killed) is alive but detached ones:
+    Ray reaps a dead driver's Train controller, workers and trial actors within seconds."""
     import ray
+    from ray.util.state import list_actors
 
+    here = ray.get_runtime_context()
+    address = f"http://{shared_ray.start().dashboard_url}"
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        assert time.monotonic() < deadline, f"CPUs still held after {timeout_s:.0f} s: {ray.available_resources()}"
+    while True:
+        left = [f"{a.class_name} (job {a.job_id})" for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                                                      detail=True, limit=10_000)
+                if a.job_id != here.get_job_id() and not a.is_detached]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"still alive after {timeout_s:.0f} s: {', '.join(left)}"
         time.sleep(0.5)
 
 

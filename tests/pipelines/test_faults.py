@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient  # here: imported first in a test's thread, it can deadlock the main thread's import
 
-from conftest import QUICKSTART, free_port, quick_overrides, wait_for_idle_cpus
+from conftest import QUICKSTART, free_port, quick_overrides, wait_for_dead_drivers_reaped
 from sscl.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -166,7 +166,7 @@ def test_driver_killed_mid_run_rerun_resumes_and_finishes(tmp_path, ray_cluster,
     time.sleep(4)  # into epoch 2, once Ray Train has recorded epoch 1's checkpoint
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    wait_for_idle_cpus()  # Ray reaps the dead driver's actors
+    wait_for_dead_drivers_reaped()
 
     result = main(load_config(QUICKSTART, overrides))  # the same command again
     assert result["epochs"] == 3

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QUICKSTART, quick_overrides, wait_for_idle_cpus
+from conftest import QUICKSTART, quick_overrides, wait_for_dead_drivers_reaped
 from sscl.config import apply_overrides, load_config
 from sscl.search_space import load_space
 
@@ -177,7 +177,7 @@ def test_interrupted_sweep_resumes(tmp_path, ray_cluster, monkeypatch):
     assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    wait_for_idle_cpus()  # Ray reaps the dead driver's actors
+    wait_for_dead_drivers_reaped()
 
     cfg, settings = tune.load(QUICKSTART, args)
     out = tune.main(cfg, load_space(tmp_path / "space.yaml", cfg), sweep=settings, preset=str(QUICKSTART),
