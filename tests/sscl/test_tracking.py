@@ -77,3 +77,17 @@ def test_an_encoder_is_registered_promoted_and_loaded_from_the_store_named(tmp_p
     torch.testing.assert_close(model_registry.load_registered(uri, "models:/enc@champion")(images),
                                encoder.eval()(images))
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_names_are_checked_by_mlflows_own_rules_before_any_work():
+    from mlflow.utils import validation
+
+    used = ("_validate_experiment_name", "_validate_model_name", "_validate_model_alias_name",
+            "_validate_model_alias_name_reserved")  # private in MLflow 3.17: check_names depends on them
+    assert [name for name in used if not callable(getattr(validation, name, None))] == []
+    tracking.check_names(experiment="sscl", model_name="sscl-digits", alias="champion")
+    with pytest.raises(ValueError) as err:
+        tracking.check_names(experiment="", model_name="a/b", alias="latest")
+    text = str(err.value)
+    assert "tracking.experiment='': Invalid experiment name" in text and "tracking.model_name='a/b'" in text
+    assert "alias='latest': 'latest' alias name (case insensitive) is reserved" in text

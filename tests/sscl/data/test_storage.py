@@ -24,9 +24,9 @@ def two_nodes(own_ray):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
                                                              "dashboard_port": free_port()})
     cluster.add_node(num_cpus=3)
-    ray.init(address=cluster.address, log_to_driver=False)
+    context = ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    yield cluster
+    yield context
     ray.shutdown()
     cluster.shutdown()
 
@@ -59,10 +59,12 @@ def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes,
                                                   "train.epochs=1", "tracking.register=false"))
     result = main(cfg)
     assert result["epochs"] == 1 and 0 <= result["final_knn_top1"] <= 1
-    decoders = list_tasks(filters=[("name", "=", "ReadBinary->MapBatches(_decode_files)")], limit=10_000,
-                          raise_on_missing_output=False)
+    address = f"http://{two_nodes.dashboard_url}"  # this cluster's, not the latest one started on the machine
+    decoders = list_tasks(address=address, filters=[("name", "=", "ReadBinary->MapBatches(decode_files)")],
+                          limit=10_000, raise_on_missing_output=False)
     if not decoders:  # Ray Data may name the fused read and decode stage differently
-        decoders = [t for t in list_tasks(limit=10_000, raise_on_missing_output=False) if "_decode_files" in t.name]
+        decoders = [t for t in list_tasks(address=address, limit=10_000, raise_on_missing_output=False)
+                    if "decode_files" in t.name]
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     ran_on = {t.node_id for t in decoders if t.node_id}  # tasks cancelled before scheduling have none
     assert ran_on == nodes, [(t.name, t.node_id) for t in decoders][:20]
