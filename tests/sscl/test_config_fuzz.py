@@ -3,16 +3,20 @@ accepted; never a traceback, never a hang. The accepted ones then train one epoc
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from pathlib import Path
 
 import pytest
 
+from pipelines import tune
 from pipelines.config_cli import parse_config
 from sscl.config import Config, ConfigError, field_info, flatten, load_config
 
 QUICK = str(Path(__file__).parents[2] / "pipelines" / "configs" / "quickstart.yaml")
+SPACE = str(Path(__file__).parents[2] / "tune_spaces" / "sscl_priors.yaml")
 KEYS = sorted(flatten(Config()))
+SWEEP_KEYS = sorted(f"tune.{f.name}" for f in dataclasses.fields(tune.Sweep))  # the sweep command's own
 BAD_VALUES = {"wrong type": "[1, 2]", "mapping": "{a: 1}", "nan": ".nan", "nan text": "nan", "inf": ".inf",
               "negative": "-3", "zero": "0", "huge": "1e12", "huge int": str(10**30), "empty": "", "unicode": "日本語✓",
               "path": "../../x/..", "control": "a\tb", "bool": "true", "null": "null"}
@@ -20,8 +24,9 @@ BAD_VALUES = {"wrong type": "[1, 2]", "mapping": "{a: 1}", "nan": ".nan", "nan t
 
 def _outcome(key: str, value: str, capsys) -> int:
     """The exit status of ``--print-config`` with ``key=value`` over the quickstart preset."""
+    argv = ["--config", QUICK, f"{key}={value}", "--print-config"]
     with pytest.raises(SystemExit) as ended:
-        parse_config(["--config", QUICK, f"{key}={value}", "--print-config"], prog="fuzz")
+        tune.cli(["--space", SPACE, *argv]) if key in SWEEP_KEYS else parse_config(argv, prog="fuzz")
     out, err = capsys.readouterr()
     if ended.value.code == 2:
         assert key in err and "Traceback" not in err, err
@@ -30,15 +35,17 @@ def _outcome(key: str, value: str, capsys) -> int:
     return ended.value.code
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", KEYS + SWEEP_KEYS)
 def test_every_key_takes_bad_values_with_exit_2_or_accepts_them(key, capsys):
     for name, value in BAD_VALUES.items():
         _outcome(key, value, capsys)
 
 
 def test_every_number_has_bounds():
-    for key in KEYS:
-        hint, meta = field_info(key)
+    sweep = {f"tune.{f.name}": (typing.get_type_hints(tune.Sweep)[f.name], f.metadata)
+             for f in dataclasses.fields(tune.Sweep)}
+    for key in KEYS + SWEEP_KEYS:
+        hint, meta = sweep[key] if key in sweep else field_info(key)
         if hint in (int, float) and not meta.get("choices"):
             assert meta.get("le") is not None or meta.get("lt") is not None, f"{key} has no upper bound"
             assert meta.get("ge") is not None or meta.get("gt") is not None, f"{key} has no lower bound"
