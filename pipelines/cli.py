@@ -3,7 +3,8 @@
     sscl pretrain --config pipelines/configs/quickstart.yaml [key=value ...]   # Ray Train + MLflow
     sscl tune --config pipelines/configs/quickstart.yaml --space tune_spaces/sscl_priors.yaml tune.name=priors
     sscl evaluate --model models:/sscl-digits@champion --config ...
-    sscl registry list|show|promote|embed ...
+    sscl embed --model models:/sscl-digits@champion --config ... --out features/   # Ray Data -> Parquet
+    sscl registry list|show|promote|embed|export ...
     sscl train-local --config pipelines/configs/quickstart.yaml   # == python -m pipelines.train_local (no Ray)
     sscl benchmark loss                  # == python -m pipelines.benchmark
     sscl config --config pipelines/configs/quickstart.yaml loss.temperature=0.2
@@ -52,6 +53,12 @@ def _evaluate(argv: Sequence[str]) -> None:
     evaluate.cli(argv)
 
 
+def _embed(argv: Sequence[str]) -> None:
+    from pipelines import embed
+
+    embed.cli(argv)
+
+
 def _registry(argv: Sequence[str]) -> None:
     from pipelines import registry
 
@@ -62,6 +69,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "pretrain": _pretrain,
     "tune": _tune,
     "evaluate": _evaluate,
+    "embed": _embed,
     "registry": _registry,
     "train-local": _train_local,
     "benchmark": _benchmark,

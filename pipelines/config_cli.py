@@ -58,7 +58,7 @@ def parse_config_and_flags(argv: Sequence[str] | None, *, prog: str, description
     if add_flags is not None:
         add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     own = [o for o in args.overrides if tool and o.partition("=")[0].partition(".")[0] == tool[0]]
     problems = []
     try:

@@ -47,6 +47,19 @@ def ray_init_options() -> dict[str, Any]:
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars (thousands of lines in a job's log) only on a terminal with ``--verbose``,
+    and its INFO notices ("Dataset ... execution finished") in its session log (``ray-data.log``) only.
+    Call after importing ``ray.data``, in the process that runs the datasets."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose and sys.stderr.isatty()
+    if not verbose:
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):  # the console's; its file handler keeps everything
+                handler.setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def library_output() -> Iterator[TextIO]:
     """Inside, what libraries print goes to the log file, unless ``--verbose``: MLflow announces each

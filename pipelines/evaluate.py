@@ -2,13 +2,19 @@
 streamed by Ray Data to a Ray task on one worker's device (a GPU with ``scaling.use_gpu=true``).
 
     python -m pipelines.evaluate --model models:/sscl-digits@champion --config pipelines/configs/quickstart.yaml
+
+Or of features an embedding job stored (``python -m pipelines.embed``), without encoding anything again:
+
+    python -m pipelines.evaluate --features features/train --test-features features/test --config ...
+
+The protocol is the pipeline's own in both: ``train.knn_k``, ``train.knn_temperature``,
+``train.linear_epochs`` and ``train.seed``; the features of both sets must come from the same model version.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any, Sequence
 
@@ -17,7 +23,8 @@ import torch
 from pipelines.errors import guarded
 from sscl.config import Config, to_dict
 from sscl.data.sources import build_dataset, check_roots
-from sscl.evaluate import evaluate_encoder
+from sscl.data.decode import DataError
+from sscl.evaluate import evaluate_encoder, score_features
 
 
 def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True) -> torch.nn.Module:
@@ -80,18 +87,71 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     return result
 
 
+def of_features(cfg: Config, bank_uri: str, test_uri: str) -> dict[str, Any]:
+    """kNN and linear top-1 of stored features (``sscl.data.features``): the labelled rows of
+    ``bank_uri`` as the kNN bank and probe training set, those of ``test_uri`` as the test set.
+
+    Raises:
+        DataError: naming the flag when an output is incomplete, has no labelled rows, or the two
+            come from different model versions.
+    """
+    from sscl.data.features import read_features
+
+    bank, test = read_features(bank_uri, "--features"), read_features(test_uri, "--test-features")
+    made_by = [(f["model_version"], f["run_id"], f["model"]) for f in (bank.manifest, test.manifest)]
+    if made_by[0][0] != made_by[1][0] or _model_name(made_by[0][2]) != _model_name(made_by[1][2]):
+        raise DataError(f"--features {bank_uri} holds features of {made_by[0][2]} (version {made_by[0][0]}) but "
+                        f"--test-features {test_uri} those of {made_by[1][2]} (version {made_by[1][0]}): embed both "
+                        "with the same model version")
+    sets = []
+    for flag, stored in (("--features", bank), ("--test-features", test)):
+        labelled = stored.labels >= 0
+        if not labelled.any():
+            raise DataError(f"{flag}: none of its {len(stored.labels)} rows has a label; embed a labelled split "
+                            "(--split eval_train / eval_test)")
+        sets += [torch.from_numpy(stored.features[labelled]), torch.from_numpy(stored.labels[labelled])]
+    t = cfg.train
+    metrics = score_features(*sets, k=t.knn_k, temperature=t.knn_temperature, linear_epochs=t.linear_epochs,
+                             seed=t.seed)
+    result = {"features": bank_uri, "test_features": test_uri, "model": bank.manifest["model"],
+              "version": made_by[0][0], "bank_images": len(sets[1]), "test_images": len(sets[3]), **metrics}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _model_name(model_uri: str) -> str:
+    from pipelines.registry import model_uri_parts
+
+    return model_uri_parts(model_uri)["name"]
+
+
 def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from pipelines.config_cli import parse_config_and_flags
+    from pipelines.registry import model_uri_parts
 
     def flags(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", required=True, help="models:/<name>@<alias> or models:/<name>/<version>")
+        parser.add_argument("--model", help="models:/<name>@<alias> or models:/<name>/<version>")
+        parser.add_argument("--features", help="stored features of the kNN bank / probe training set (an "
+                                               "embedding job's --out), instead of --model")
+        parser.add_argument("--test-features", help="with --features: stored features of the test set")
 
     cfg, args = parse_config_and_flags(argv, prog="python -m pipelines.evaluate", description=__doc__, add_flags=flags)
-    if not re.fullmatch(r"models:/[^/@]+(@[^/@]+|/\d+)", args.model):
-        print(f"python -m pipelines.evaluate: --model must look like models:/<name>@<alias> or models:/<name>/<version>, "
-              f"got {args.model!r}", file=sys.stderr)
+    prog = "python -m pipelines.evaluate"
+    if bool(args.model) == bool(args.features) or bool(args.features) != bool(args.test_features):
+        problem = "give --model, or --features with --test-features (not both)"
+    else:
+        problem = ""
+        try:
+            if args.model:
+                model_uri_parts(args.model, "--model")
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
         raise SystemExit(2)
-    return guarded("python -m pipelines.evaluate", lambda: main(cfg, args.model))
+    if args.features:
+        return guarded(prog, lambda: of_features(cfg, args.features, args.test_features))
+    return guarded(prog, lambda: main(cfg, args.model))
 
 
 if __name__ == "__main__":

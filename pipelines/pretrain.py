@@ -89,8 +89,7 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
 
     check_resources(cfg, alive_resources())
     check_storage(cfg.train.storage_path)
-    # Ray Data's own bars only help on a terminal; in job logs they are thousands of lines.
-    ray.data.DataContext.get_current().enable_progress_bars = console.verbose and sys.stderr.isatty()
+    console.quiet_ray_data()
     progress = ray.remote(console.ProgressLines).options(num_cpus=0).remote()
     if datasets is None:
         bad_images = bad_images_actor()

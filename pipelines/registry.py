@@ -4,9 +4,14 @@
     python -m pipelines.registry show models:/sscl-digits@champion
     python -m pipelines.registry promote sscl-digits 3 [--alias champion]
     python -m pipelines.registry embed models:/sscl-digits@champion --images batch.npy --out emb.npy
+    python -m pipelines.registry export models:/sscl-digits@champion --onnx encoder.onnx [--overwrite]
 
 ``embed`` reads uint8 (N, H, W, 3) images from ``.npy`` and writes (N, F) features, using the
 evaluation transform of ``--config`` (normalisation and crop size).
+
+``export`` writes the encoder as ONNX (needs ``pip install 'sscl[onnx]'``): input ``images`` float32
+(B, 3, S, S), normalised as in evaluation, dynamic batch B; output ``features`` (B, F). It is checked in
+onnxruntime against the registered encoder before it is written.
 """
 
 from __future__ import annotations
@@ -41,13 +46,23 @@ def list_versions(name: str | None = None, tracking_uri: str = "") -> list[dict[
     return model_registry.list_versions(_uri(tracking_uri), name)
 
 
+def model_uri_parts(model_uri: str, flag: str = "model") -> re.Match[str]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` split into name, alias and version.
+
+    Raises:
+        ValueError: naming the URI when it has neither form.
+    """
+    match = _MODEL_URI.match(model_uri)
+    if not match:
+        raise ValueError(f"{flag} must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
+    return match
+
+
 def show(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """One version, resolved from ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, with its run."""
     from sscl import model_registry
 
-    match = _MODEL_URI.match(model_uri)
-    if not match:
-        raise ValueError(f"model must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}")
+    match = model_uri_parts(model_uri)
     return model_registry.describe_version(_uri(tracking_uri), match["name"], alias=match["alias"],
                                            version=match["version"])
 
@@ -79,6 +94,31 @@ def embed(model_uri: str, images_path: str, out_path: str, config: str | None = 
     features = encode(encoder, images, cfg, image_size=model_registry.registered_image_size(uri, model_uri)).numpy()
     np.save(out_path, features)
     return features.shape
+
+
+def export(model_uri: str, onnx_path: str, *, overwrite: bool = False, tracking_uri: str = "") -> dict[str, Any]:
+    """Writes the encoder at ``model_uri`` to ``onnx_path`` as ONNX, checked in onnxruntime first.
+
+    Raises:
+        ValueError: for a malformed ``model_uri``, a model the registry lacks, or a missing ``onnx`` extra.
+        FileExistsError: when ``onnx_path`` exists and ``overwrite`` is not set.
+        FileNotFoundError / IsADirectoryError: when ``onnx_path``'s folder is missing or it is a folder.
+    """
+    from sscl import model_registry
+
+    model_uri_parts(model_uri)
+    out = Path(onnx_path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--onnx {out}: is a folder; give a file such as {out / 'encoder.onnx'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--onnx {out}: folder {out.parent} does not exist")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--onnx {out}: exists; pass --overwrite to replace it")
+    try:
+        model_registry.require_onnx()
+    except ImportError as err:  # the user's to fix: exit 2 with the install command, not a traceback
+        raise ValueError(f"--onnx: {err}") from None
+    return model_registry.export_onnx(_uri(tracking_uri), model_uri, out)
 
 
 def _load_images(path: Path) -> np.ndarray:
@@ -119,6 +159,10 @@ def cli(argv: Sequence[str] | None = None) -> Any:
     p_embed.add_argument("--images", required=True)
     p_embed.add_argument("--out", required=True)
     p_embed.add_argument("--config")
+    p_export = sub.add_parser("export")
+    p_export.add_argument("model")
+    p_export.add_argument("--onnx", required=True, metavar="FILE")
+    p_export.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     args = parser.parse_args(argv)
 
     def run() -> Any:
@@ -128,6 +172,8 @@ def cli(argv: Sequence[str] | None = None) -> Any:
             return show(args.model, args.tracking_uri)
         if args.command == "promote":
             return promote(args.name, args.version, args.alias, args.tracking_uri)
+        if args.command == "export":
+            return export(args.model, args.onnx, overwrite=args.overwrite, tracking_uri=args.tracking_uri)
         return {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri)),
                 "out": args.out}
 

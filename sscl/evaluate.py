@@ -135,6 +135,21 @@ def evaluate_encoder(
     # Any rank's shard of either set may be empty (fewer images than ranks, or uneven blocks).
     bank, bank_labels = _features_or_empty(encoder, train_batches, options)
     test, test_labels = _features_or_empty(encoder, test_batches, options)
+    return score_features(bank, bank_labels, test, test_labels, k=k, temperature=temperature,
+                          linear_epochs=linear_epochs, seed=seed)
+
+
+def score_features(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, *,
+                   k: int = 200, temperature: float = 0.1, linear_epochs: int = 0, seed: int = 0) -> dict[str, float]:
+    """kNN (and optionally linear-probe) top-1 of frozen features: ``evaluate_encoder`` once the
+    features exist (this rank's shards under ``torch.distributed``), or of stored features.
+
+    Args:
+        bank, bank_labels: (N, F) features and (N,) labels of the bank / probe training set, on one device.
+        test, test_labels: (M, F) and (M,) of the test set, on the same device.
+        k, temperature, linear_epochs, seed: as ``evaluate_encoder``.
+    """
+    device = bank.device
     dim = _over_ranks(max(bank.shape[1], test.shape[1]), device, "MAX")
     bank, test = bank.reshape(len(bank), dim), test.reshape(len(test), dim)
     bank, bank_labels = gather_rows(bank), gather_rows(bank_labels)

@@ -272,7 +272,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 # Sections a tool owns in the same YAML, with the command that takes them: a preset may hold such a
 # block, which ``load_config`` leaves to the tool (``load_section``); the training config has no such keys.
-TOOL_SECTIONS = {"tune": "python -m pipelines.tune"}
+TOOL_SECTIONS = {"tune": "python -m pipelines.tune", "embed": "python -m pipelines.embed"}
 
 
 def load_section(cls: type, name: str, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:

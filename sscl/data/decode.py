@@ -105,19 +105,26 @@ class Decoder:
     bad_images: Any = None
     encoded: bool = False
 
-    def decode(self, values: list[Any], labels: list[int], where: list[str]) -> dict[str, np.ndarray]:
+    def decode(self, values: list[Any], labels: list[int], where: list[str],
+               keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        """``image`` and ``label`` of the decodable ``values`` (``where`` names each in errors), and
+        their ``key`` column when ``keys`` are given (one per value)."""
         if self.encoded:
             return self._passed_on(values, labels, where)
         images, kept = [], []
-        for value, label, name in zip(values, labels, where):
+        for i, (value, name) in enumerate(zip(values, where)):
             try:
                 images.append(decode_image(value, self.size, name))
             except CorruptDataError as err:
                 self.bad(err, name)
                 continue
-            kept.append(label)
+            kept.append(i)
         empty = np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
-        return {"image": np.stack(images) if images else empty, "label": np.asarray(kept, dtype=np.int64)}
+        out = {"image": np.stack(images) if images else empty,
+               "label": np.asarray([labels[i] for i in kept], dtype=np.int64)}
+        if keys is not None:
+            out["key"] = np.asarray([keys[i] for i in kept], dtype=object)
+        return out
 
     def bad(self, err: CorruptDataError, name: str) -> None:
         """An undecodable image, wherever it was decoded: raises, naming it, or reports it skipped."""

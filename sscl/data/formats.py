@@ -247,9 +247,13 @@ def selected_paths(listing: FolderListing, files: FolderFiles, root: str, select
                     "another data.test_fraction, or a labelled data.eval_root")
 
 
-def decode_files(batch: dict[str, Any], *, decoder: Decoder, files: FolderFiles) -> dict[str, np.ndarray]:
+def decode_files(batch: dict[str, Any], *, decoder: Decoder, files: FolderFiles, keyed: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """An image folder's read batch (``bytes``, ``path``) decoded; ``keyed``: with each image's path
+    below the root as its ``key``."""
     paths = list(batch["path"])
-    return decoder.decode(list(batch["bytes"]), [files.label(p) for p in paths], paths)
+    keys = [files.relative(p) for p in paths] if keyed else None
+    return decoder.decode(list(batch["bytes"]), [files.label(p) for p in paths], paths, keys)
 
 
 def folder_classes(root: str) -> list[str]:
@@ -258,14 +262,17 @@ def folder_classes(root: str) -> list[str]:
 
 
 def decode_rows(batch: dict[str, Any], *, decoder: Decoder, image_column: str, label_column: str,
-                 selection: Selection, keep_fraction: float) -> dict[str, np.ndarray]:
+                selection: Selection, keep_fraction: float, keyed: bool = False) -> dict[str, np.ndarray]:
+    """Parquet rows decoded; ``keyed``: with a digest of each image cell as its ``key`` (the same
+    image stored twice has one key)."""
     values = list(batch[image_column])
     labels = [_label(v, label_column) for v in batch[label_column]] if label_column else [-1] * len(values)
     keys = [v if isinstance(v, bytes) else b"" if v is None else np.asarray(v).tobytes() for v in values]
     chosen = [i for i, key in enumerate(keys) if selection.keeps(key, labels[i])
               and (keep_fraction >= 1 or held_out(key, keep_fraction, salt="bank"))]
     names = [f"{image_column} value with digest {hashlib.blake2b(keys[i], digest_size=6).hexdigest()}" for i in chosen]
-    return decoder.decode([values[i] for i in chosen], [labels[i] for i in chosen], names)
+    digests = [hashlib.blake2b(keys[i], digest_size=8).hexdigest() for i in chosen] if keyed else None
+    return decoder.decode([values[i] for i in chosen], [labels[i] for i in chosen], names, digests)
 
 
 def _label(value: Any, column: str) -> int:
@@ -296,14 +303,15 @@ def parquet_columns(names: list[str], root: str, cfg: DataConfig, selection: Sel
     return [cfg.image_column] + ([cfg.label_column] if cfg.label_column else [])
 
 
-def parquet_decoding(cfg: DataConfig, selection: Selection, decoder: Decoder, rows: int) -> dict[str, Any]:
+def parquet_decoding(cfg: DataConfig, selection: Selection, decoder: Decoder, rows: int, keyed: bool = False
+                     ) -> dict[str, Any]:
     """``decode_rows`` keywords for a Parquet split of ``rows`` rows."""
     keep_fraction = 1.0
     if selection.max_images:
         expected = rows * (1 - selection.test_fraction if selection.test_fraction and not selection.held_out_side else 1)
         keep_fraction = min(1.0, selection.max_images / max(expected, 1))  # about max_images, by content hash
     return {"decoder": decoder, "image_column": cfg.image_column, "label_column": cfg.label_column,
-            "selection": selection, "keep_fraction": keep_fraction}
+            "selection": selection, "keep_fraction": keep_fraction, "keyed": keyed}
 
 
 # ---------------------------------------------------------------------------- CIFAR, STL-10, digits
@@ -327,9 +335,14 @@ def read_cifar_file(data: bytes, *, label_key: bytes, where: str) -> dict[str, n
     return {"image": np.ascontiguousarray(images.transpose(0, 2, 3, 1)), "label": labels}
 
 
-def unpickle_cifar(batch: dict[str, Any], *, label_key: bytes) -> dict[str, np.ndarray]:
+def unpickle_cifar(batch: dict[str, Any], *, label_key: bytes, keyed: bool = False) -> dict[str, np.ndarray]:
+    """CIFAR pickles read; ``keyed``: with ``<file>:<index in it>`` as each image's ``key``."""
     parts = [read_cifar_file(data, label_key=label_key, where=path) for data, path in zip(batch["bytes"], batch["path"])]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
+    if keyed:
+        out["key"] = np.asarray([f"{Path(path).name}:{i}" for path, part in zip(batch["path"], parts)
+                                 for i in range(len(part["label"]))], dtype=object)
+    return out
 
 
 def cifar_files(cfg: DataConfig, train: bool) -> tuple[list[Path], bytes]:
@@ -364,14 +377,17 @@ def _download(source: str, root: Path) -> None:
                               "machine with internet") from None
 
 
-def read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n_images: int) -> dict[str, np.ndarray]:
-    """Images ``[id * chunk, (id + 1) * chunk)`` of an STL-10 binary, read by byte range."""
+def read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n_images: int,
+                   keyed: bool = False) -> dict[str, np.ndarray]:
+    """Images ``[id * chunk, (id + 1) * chunk)`` of an STL-10 binary, read by byte range; ``keyed``:
+    with ``<file>:<index in it>`` as each image's ``key``."""
     import pyarrow.fs as pafs
 
-    out_images, out_labels = [], []
+    out_images, out_labels, out_keys = [], [], []
     for chunk in batch["id"]:
         first = int(chunk) * STL_CHUNK
         count = min(STL_CHUNK, n_images - first)
+        out_keys += [f"{x_path.rsplit('/', 1)[-1]}:{i}" for i in range(first, first + count)]
         fs, path = pafs.FileSystem.from_uri(x_path)
         with fs.open_input_file(path) as fh:
             raw = np.frombuffer(fh.read_at(count * _STL_BYTES, first * _STL_BYTES), dtype=np.uint8)
@@ -383,7 +399,8 @@ def read_stl_chunk(batch: dict[str, np.ndarray], *, x_path: str, y_path: str, n_
                 out_labels.append(np.frombuffer(fh.read_at(count, first), dtype=np.uint8).astype(np.int64) - 1)
         else:
             out_labels.append(np.full(count, -1, dtype=np.int64))
-    return {"image": np.ascontiguousarray(np.concatenate(out_images)), "label": np.concatenate(out_labels)}
+    out = {"image": np.ascontiguousarray(np.concatenate(out_images)), "label": np.concatenate(out_labels)}
+    return out | ({"key": np.asarray(out_keys, dtype=object)} if keyed else {})
 
 
 def stl10_files(cfg: DataConfig, split: str) -> tuple[str, str, int]:
@@ -410,12 +427,14 @@ def stl10_files(cfg: DataConfig, split: str) -> tuple[str, str, int]:
     return str(x_path), y_path, n_images
 
 
-def digits_rows(batch: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
+def digits_rows(batch: dict[str, np.ndarray], *, size: int, keyed: bool = False) -> dict[str, np.ndarray]:
+    """The bundled digits at ``batch["index"]``; ``keyed``: with ``digits:<index>`` as each image's ``key``."""
     from sscl.data.digits import load_digits_images
 
     images, labels = load_digits_images(size)  # bundled with scikit-learn: 1,797 images, read in the task
     index = np.asarray(batch["index"])
-    return {"image": images[index], "label": labels[index]}
+    out = {"image": images[index], "label": labels[index]}
+    return out | ({"key": np.asarray([f"digits:{i}" for i in index], dtype=object)} if keyed else {})
 
 
 # ---------------------------------------------------------------------------- the splits

@@ -2,7 +2,7 @@
 decoded in Ray tasks on the cluster, and streamed; no process ever holds a whole split's pixels.
 
 Every source gives the same columns: ``image`` (uint8 (H, W, 3)) and ``label`` (int64, -1 when
-unlabelled). Splits:
+unlabelled), and on request ``key``, each image's name within the source (``pipelines.embed``). Splits:
 
 - ``pretrain``: what the encoder trains on, in a new file order every epoch (seeded);
 - ``eval_train``: the labelled kNN bank and linear-probe training set, at most
@@ -80,7 +80,7 @@ def check_roots(cfg: DataConfig) -> None:
 
 
 def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int | None = None,
-                  bad_images: Any = None, encoded: bool = False) -> Split:
+                  bad_images: Any = None, encoded: bool = False, keyed: bool = False) -> Split:
     """One split as a lazy Ray Dataset with columns ``image`` (uint8 (H, W, 3)) and ``label`` (int64),
     or with ``encoded`` (image folders and Parquet) ``bytes`` (as stored), ``label`` and ``where``.
 
@@ -95,6 +95,8 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
             same sequence of orders after a restart; None keeps the listing order.
         bad_images: a ``BadImages`` actor handle told of every undecodable image.
         encoded: pass image folders' and Parquet's encoded images on undecoded (``placement.decode=device``).
+        keyed: add a ``key`` column naming each image within the source: its path below the root (image
+            folders), a digest of its cell (Parquet), ``<file>:<index>`` (CIFAR, STL-10), ``digits:<index>``.
 
     Raises:
         FileNotFoundError: naming a missing root or file, or a folder without images.
@@ -110,18 +112,18 @@ def build_dataset(cfg: DataConfig, split: str, *, max_images: int = 0, seed: int
         root, selection = files_of(cfg, split, max_images)
         seed = None if evaluation else seed
         if source == "imagefolder":
-            return _image_folder(root, selection, decoder, seed, classes_root=cfg.root)
-        return _parquet(root, cfg, selection, decoder, seed)
+            return _image_folder(root, selection, decoder, seed, classes_root=cfg.root, keyed=keyed)
+        return _parquet(root, cfg, selection, decoder, seed, keyed=keyed)
     total = None
     if source in CIFAR:
-        ds = _cifar(cfg, train=split != "eval_test")
+        ds = _cifar(cfg, train=split != "eval_test", keyed=keyed)
     elif source == "stl10":
         parts = ["unlabeled", "train"] if split == "pretrain" else ["train" if split == "eval_train" else "test"]
-        splits = [_stl10_split(cfg, p) for p in parts]
+        splits = [_stl10_split(cfg, p, keyed) for p in parts]
         ds = splits[0].dataset.union(*[s.dataset for s in splits[1:]]) if len(splits) > 1 else splits[0].dataset
         total = sum(s.num_images for s in splits)
     elif source == "digits":
-        ds, total = _digits(cfg, split)
+        ds, total = _digits(cfg, split, keyed)
     else:
         raise ValueError(f"unknown data.source {source!r}")
     return _bounded(ds, max_images if evaluation else 0, total)
@@ -133,18 +135,21 @@ def _shuffle(seed: int | None):
     return ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
 
 
-def _image_folder(root: str, selection: Selection, decoder: Decoder, seed: int | None, classes_root: str) -> Split:
+def _image_folder(root: str, selection: Selection, decoder: Decoder, seed: int | None, classes_root: str,
+                  keyed: bool) -> Split:
     import ray.data
 
     listing, files = folder_files(root, selection, classes_root)
     paths = selected_paths(listing, files, root, selection)
     # The listing's own paths: Ray's directory listing has other rules (it drops top-level "_" names).
     read = ray.data.read_binary_files(paths, filesystem=listing.fs, include_paths=True, shuffle=_shuffle(seed))
-    decoded = read.map_batches(decode_files, fn_kwargs={"decoder": decoder, "files": files}, batch_size=DECODE_BATCH)
+    decoded = read.map_batches(decode_files, fn_kwargs={"decoder": decoder, "files": files, "keyed": keyed},
+                               batch_size=DECODE_BATCH)
     return Split(decoded, len(paths))
 
 
-def _parquet(root: str, cfg: DataConfig, selection: Selection, decoder: Decoder, seed: int | None) -> Split:
+def _parquet(root: str, cfg: DataConfig, selection: Selection, decoder: Decoder, seed: int | None,
+             keyed: bool) -> Split:
     import ray.data
 
     fs, base = filesystem(root)
@@ -156,30 +161,31 @@ def _parquet(root: str, cfg: DataConfig, selection: Selection, decoder: Decoder,
     read = read.select_columns(parquet_columns(names, root, cfg, selection))
     rows = read.count()  # from the files' footers
     decoded = read.map_batches(decode_rows, batch_size=DECODE_BATCH,
-                               fn_kwargs=parquet_decoding(cfg, selection, decoder, rows))
+                               fn_kwargs=parquet_decoding(cfg, selection, decoder, rows, keyed))
     return Split(decoded, rows)
 
 
-def _cifar(cfg: DataConfig, train: bool) -> ray.data.Dataset:
+def _cifar(cfg: DataConfig, train: bool, keyed: bool) -> ray.data.Dataset:
     import ray.data
 
     files, label_key = cifar_files(cfg, train)
     # One task per pickle (10,000 images each): the files are read and unpickled on the cluster.
     ds = ray.data.read_binary_files([str(f) for f in files], include_paths=True, override_num_blocks=len(files))
-    return ds.map_batches(unpickle_cifar, fn_kwargs={"label_key": label_key}, batch_size=1)
+    return ds.map_batches(unpickle_cifar, fn_kwargs={"label_key": label_key, "keyed": keyed}, batch_size=1)
 
 
-def _stl10_split(cfg: DataConfig, split: str) -> Split:
+def _stl10_split(cfg: DataConfig, split: str, keyed: bool) -> Split:
     import ray.data
 
     x_path, y_path, n_images = stl10_files(cfg, split)
     n_chunks = -(-n_images // STL_CHUNK)
     chunks = ray.data.range(n_chunks, override_num_blocks=n_chunks)  # one read task per chunk of the file
     return Split(chunks.map_batches(read_stl_chunk, batch_size=1,
-                                    fn_kwargs={"x_path": x_path, "y_path": y_path, "n_images": n_images}), n_images)
+                                    fn_kwargs={"x_path": x_path, "y_path": y_path, "n_images": n_images,
+                                               "keyed": keyed}), n_images)
 
 
-def _digits(cfg: DataConfig, split: str) -> tuple[ray.data.Dataset, int]:
+def _digits(cfg: DataConfig, split: str, keyed: bool) -> tuple[ray.data.Dataset, int]:
     import ray.data
 
     from sscl.data.digits import DIGITS_COUNT, split_indices
@@ -187,4 +193,4 @@ def _digits(cfg: DataConfig, split: str) -> tuple[ray.data.Dataset, int]:
     train_idx, test_idx = split_indices(DIGITS_COUNT, test_fraction=cfg.test_fraction)
     index = test_idx if split == "eval_test" else train_idx
     rows = ray.data.from_items([{"index": int(i)} for i in index], override_num_blocks=4)
-    return rows.map_batches(digits_rows, fn_kwargs={"size": cfg.image_size}, batch_size=512), len(index)
+    return rows.map_batches(digits_rows, fn_kwargs={"size": cfg.image_size, "keyed": keyed}, batch_size=512), len(index)
