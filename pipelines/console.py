@@ -39,6 +39,7 @@ def setup(is_verbose: bool, path: Path) -> None:
     warned.propagate = is_verbose
     if not is_verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model read from a server
 
 
 def ray_init_options() -> dict[str, Any]:
@@ -49,30 +50,39 @@ def ray_init_options() -> dict[str, Any]:
 
 def quiet_ray_data() -> None:
     """Ray Data's progress bars (thousands of lines in a job's log) only on a terminal with ``--verbose``,
-    and its INFO notices ("Dataset ... execution finished") in its session log (``ray-data.log``) only.
+    and its notices and warnings ("Dataset ... execution finished") in its session log (``ray-data.log``) only.
     Call after importing ``ray.data``, in the process that runs the datasets."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = verbose and sys.stderr.isatty()
-    if not verbose:
+    if not verbose:  # e.g. "Progress bars disabled", or no free CPUs while the pool's actors start
         for handler in logging.getLogger("ray.data").handlers:
             if isinstance(handler, logging.StreamHandler):  # the console's; its file handler keeps everything
-                handler.setLevel(logging.WARNING)
+                handler.setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
 def library_output() -> Iterator[TextIO]:
     """Inside, what libraries print goes to the log file, unless ``--verbose``: MLflow announces each
     registration, and Ray's driver prints the raylet's notices (e.g. "N PYTHON worker processes have
-    been started") from a thread, which ``log_to_driver=False`` does not cover. Yields the console,
-    for the run's own lines."""
+    been started") from a thread, which ``log_to_driver=False`` does not cover, and Ray's core worker
+    writes its own warnings (e.g. on the actors a Ray Data pool starts) to file descriptor 2 from C++.
+    Yields the console, for the run's own lines."""
     console = sys.stdout
     if verbose or log_file is None:
         yield console
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield console
+        sys.__stderr__.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield console
+        finally:
+            sink.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class ProgressLines:

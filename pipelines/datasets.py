@@ -3,13 +3,14 @@ the evaluation sets, and how Ray Train shards them across the workers."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
-from sscl.data.decode import BadImages
+from sscl.data.decode import BadImages, DataError
 from sscl.data.sources import build_dataset
 from sscl.evaluate import check_bank
 
@@ -113,3 +114,19 @@ def bad_images_actor():
     import ray
 
     return ray.remote(BadImages).options(num_cpus=0).remote()
+
+
+@contextlib.contextmanager
+def named_data_errors(bad_images: Any) -> Iterator[None]:
+    """Inside, a failure that a decoding task reported to ``bad_images`` is raised as that
+    ``DataError`` (naming the file): Ray's wrappers of task and worker errors carry it only as text.
+    Anything else is raised unchanged."""
+    import ray
+
+    try:
+        yield
+    except Exception:
+        message = ray.get(bad_images.first_error.remote(), timeout=30)
+        if message:
+            raise DataError(message) from None
+        raise

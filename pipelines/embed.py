@@ -9,7 +9,7 @@ The input is any source pretraining reads (``data.*``), read and decoded by the 
 (``sscl.data.sources``); ``--split`` picks which of its images: ``pretrain`` (the default: every image
 training reads, e.g. all of an image folder), ``eval_train`` or ``eval_test``. A pool of
 ``embed.actors`` Ray actors each loads the encoder once (one GPU each with ``scaling.use_gpu``) and
-encodes ``embed.batch_size`` images at a time under its evaluation transform; the Parquet files are
+encodes ``data.eval_batch_size`` images at a time under its evaluation transform; the Parquet files are
 written as batches finish, one row per image (``sscl.data.features``: key, label, features).
 
 The job is an MLflow run in the model's experiment (its version, data and output, images/s), and the
@@ -42,7 +42,6 @@ class Embedding:
     """The job's own settings: a preset's ``embed:`` block and ``embed.*`` overrides
     (``sscl.config.TOOL_SECTIONS``)."""
 
-    batch_size: int = setting(256, "images per encoder call in each actor", ge=1, le=65536)
     actors: int = setting(2, "encoder actors, each loading the model once (one GPU each with scaling.use_gpu; "
                           "scaling.cpus_per_worker CPUs each)", ge=1, le=100_000)
     progress_every_s: float = setting(10.0, "seconds between progress lines", gt=0, le=3600)
@@ -104,25 +103,24 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     """
     import ray
 
-    from pipelines.datasets import bad_images_actor, use_data_settings
+    from pipelines.datasets import bad_images_actor, named_data_errors, use_data_settings
     from pipelines.ray_checks import init_ray
+    from pipelines.registry import model_uri_parts
     from sscl import model_registry, tracking
     from sscl.build import eval_transform
     from sscl.data.sources import build_dataset, check_roots
-
-    from pipelines.registry import model_uri_parts
 
     started = time.perf_counter()
     model_uri_parts(model_uri, "--model")
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    output = Output.at(out)
+    held, unfinished = output.check_free(overwrite)  # checked first, cleared once everything else is
+    check_roots(cfg.data)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_store_exists(uri)  # never creates a store: the model must already be in one
-    check_roots(cfg.data)
     version = _version(uri, model_uri)  # a missing model or server fails here, before any data is read
     image_size = model_registry.registered_image_size(uri, model_uri)
-    output = Output.at(out)
-    cleared = output.claim(overwrite)
     init_ray(dashboard=False)
     use_data_settings()
     console.quiet_ray_data()
@@ -130,26 +128,29 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     data = build_dataset(cfg.data, split, bad_images=bad_images, keyed=True)
     progress = ray.remote(Progress).options(num_cpus=0).remote()
     features = data.dataset.map_batches(
-        EncodeBatches, batch_size=embedding.batch_size,
+        EncodeBatches, batch_size=cfg.data.eval_batch_size,
         compute=ray.data.ActorPoolStrategy(size=embedding.actors),
         fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri, "transform": eval_transform(cfg, image_size),
                                "use_gpu": cfg.scaling.use_gpu, "progress": progress},
         num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
     params = {"model": model_uri, "model.name": version["name"], "model.version": version["version"],
               "model.run_id": version["run_id"], "data.source": cfg.data.source, "data.root": cfg.data.root,
-              "split": split, "out": output.uri, "embed.batch_size": embedding.batch_size,
+              "split": split, "out": output.uri, "data.eval_batch_size": cfg.data.eval_batch_size,
               "embed.actors": embedding.actors}
     run_id = model_registry.open_embedding_run(uri, version["name"], version["version"], params=params)
     token = uuid.uuid4().hex[:12]
     status, figures = "FAILED", {}
     try:
+        if held:
+            output.clear()
+            print(f"cleared {output.uri}: it held {held}")
+        if unfinished.get("run_id"):  # the killed job's run: its driver could not end it
+            model_registry.end_unfinished_run(uri, unfinished["run_id"])
         output.start(token, run_id=run_id, model=model_uri)
-        if cleared:
-            print(f"cleared {output.uri}: it held {cleared}")
         print(f"embedding {data.num_images} images ({cfg.data.source} {split}) with {model_uri} (version "
-              f"{version['version']}) on {embedding.actors} actor(s), batch {embedding.batch_size} -> {output.uri}")
-        with console.library_output() as shown, _ProgressLines(progress, data.num_images, shown,
-                                                                 embedding.progress_every_s):
+              f"{version['version']}) on {embedding.actors} actor(s), batch {cfg.data.eval_batch_size} -> {output.uri}")
+        with named_data_errors(bad_images), console.library_output() as shown, _ProgressLines(
+                progress, data.num_images, shown, embedding.progress_every_s):
             features.write_parquet(output.path, filesystem=output.fs, filename_provider=_named(token))
         skipped = ray.get(bad_images.count.remote())
         manifest = output.finish(token, model=model_uri, model_version=version["version"], run_id=run_id,
@@ -167,8 +168,9 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
         status = "KILLED"
         raise
     finally:
-        model_registry.close_embedding_run(uri, run_id, version["name"], version["version"], metrics=figures,
-                                           status=status)
+        with console.library_output():  # MLflow prints a link to each run it ends on a server
+            model_registry.close_embedding_run(uri, run_id, version["name"], version["version"], metrics=figures,
+                                               status=status)
     if skipped:
         print(f"skipped {skipped} undecodable image(s) (data.skip_corrupt=true)")
     print(f"embedded {figures['images']} images, {figures['feature_dim']} features each, in {seconds:.1f} s "

@@ -26,13 +26,12 @@ from pipelines import console
 from sscl.build import model_from_config
 from pipelines.config_cli import config_yaml
 from pipelines.errors import Interrupted, guarded
-from pipelines.datasets import bad_images_actor, build_datasets, data_config
+from pipelines.datasets import bad_images_actor, build_datasets, data_config, named_data_errors
 from pipelines.ray_checks import (alive_resources, check_resources, check_storage, check_storage_path, init_ray,
                                   stop_local_ray, storage_path)
 from pipelines.worker import SIMILARITIES_FILE, train_loop_per_worker
 from sscl import tracking
 from sscl.config import RESUMABLE_KEYS, Config, flatten, resume_changes, to_dict
-from sscl.data.decode import DataError
 from sscl.data.sources import check_roots
 from sscl.recipe import TrainingState
 
@@ -112,15 +111,10 @@ def fit(cfg: Config, *, run_id: str, uri: str, datasets: dict[str, Any] | None =
         dataset_config=data_config(),
     )
     watcher = _stop_on_data_error(trainer, bad_images)
-    try:
+    with named_data_errors(bad_images):  # the data's errors are not retried
         with console.library_output() as shown, watcher:  # the run's own lines go to the console
             with console.Printer(progress, show=lambda line: print(line, file=shown, flush=True)):
                 return trainer.fit()
-    except Exception:  # re-raised unchanged unless the data said why (a file, a class count): not retried
-        message = ray.get(bad_images.first_error.remote(), timeout=30)
-        if message:
-            raise DataError(message) from None
-        raise
 
 
 def _trainer_class():

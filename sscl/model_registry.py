@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 __all__ = ["EMBEDDING_OF", "LATEST_EMBEDDING", "ONNX_TOLERANCE", "OnnxUnavailable", "close_embedding_run",
-           "describe_version", "embedding_runs", "export_onnx", "list_versions", "load_registered", "onnx_atol",
+           "describe_version", "embedding_runs", "end_unfinished_run", "export_onnx", "list_versions", "load_registered", "onnx_atol",
            "open_embedding_run", "registered_image_size", "require_onnx", "set_alias"]
 
 EMBEDDING_OF = "sscl.embedding_of"  # an embedding run's tag: "<name>/<version>" of the encoder it ran
@@ -250,6 +250,19 @@ def close_embedding_run(uri: str, run_id: str, name: str, version: str, *, metri
     registry.set_terminated(run_id, status)
     if status == "FINISHED":
         registry.set_model_version_tag(name, version, LATEST_EMBEDDING, run_id)
+
+
+def end_unfinished_run(uri: str, run_id: str) -> None:
+    """Marks an embedding run that is still RUNNING as KILLED: its job's output was found unfinished
+    (its driver was killed before it could say so). A run that no longer exists is left alone."""
+    from mlflow.exceptions import MlflowException
+
+    registry = client(uri)
+    try:
+        if registry.get_run(run_id).info.status == "RUNNING":
+            registry.set_terminated(run_id, "KILLED")
+    except MlflowException:
+        pass
 
 
 def embedding_runs(uri: str, name: str, version: str) -> list[dict[str, Any]]:

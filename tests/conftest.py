@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +145,40 @@ def restartable_mlflow_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real ``mlflow server`` for the run's trained model (``trained``) and its users."""
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    running.start()
+    yield running
+    running.stop()
+
+
+def run_overrides(tmp, server: str, *extra: str) -> list[str]:
+    return quick_overrides(tmp, f"tracking.uri={server}", *extra)
+
+
+@pytest.fixture(scope="session")
+def trained(server, tmp_path_factory):
+    """The quickstart, trained once for the test run and registered on ``server`` as ``sscl-digits``
+    (champion: version 2): two epochs through the command line, as a user runs it; then the same run
+    name extended to four epochs; then the same command once more."""
+    from pipelines.pretrain import main
+    from sscl.config import load_config
+
+    cluster = shared_ray.start()
+    tmp = tmp_path_factory.mktemp("pretrain")
+    env = {**os.environ, "RAY_ADDRESS": cluster.address_info["address"]}  # the job joins this cluster
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "pipelines.pretrain", "--config", str(QUICKSTART),
+               *run_overrides(tmp, server.uri, "train.epochs=2")]
+    console = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert console.returncode == 0, console.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(tmp)
+        second = main(load_config(QUICKSTART, run_overrides(tmp, server.uri, "train.epochs=4")))
+        again = main(load_config(QUICKSTART, run_overrides(tmp, server.uri, "train.epochs=4")))
+    return SimpleNamespace(tmp=tmp, uri=server.uri, store=server.folder, console=console, second=second, again=again)

@@ -92,18 +92,22 @@ class Output:
         with self.fs.open_output_stream(f"{self.path}/{name}") as fh:
             fh.write(json.dumps(content, indent=2).encode())
 
-    def claim(self, overwrite: bool) -> str:
-        """Makes the folder empty and ours, or refuses; returns what was there ("" when nothing).
+    def check_free(self, overwrite: bool) -> tuple[str, dict[str, Any]]:
+        """Whether a job may write here (nothing is changed): a complete output, or a folder no job
+        wrote, is replaced only with ``overwrite``; an unfinished job's output always is (nothing in
+        it is complete).
 
-        A complete output, or a folder this job did not write, is replaced only with ``overwrite``;
-        an unfinished job's output is always cleared (nothing in it is complete).
+        Returns:
+            What is there ("" when nothing; the job clears it, ``clear``), and the unfinished job's
+            ``_STARTED`` record ({} when none).
 
         Raises:
             FileExistsError: naming ``--overwrite`` and what the folder holds.
         """
         names = {e.base_name for e in self._entries()}
         if not names:
-            return ""
+            return "", {}
+        unfinished = self._read(STARTED) if STARTED in names and COMPLETE not in names else {}
         if COMPLETE in names:
             found = self._read(COMPLETE)
             what = f"a complete embedding ({found.get('rows')} images of {found.get('model')})"
@@ -111,11 +115,14 @@ class Output:
             what = "the partial output of an embedding job that did not finish"
         else:
             what = f"{len(names)} other file(s) or folder(s)"
-        if not overwrite and not (STARTED in names and COMPLETE not in names):
+        if not overwrite and not unfinished:
             raise FileExistsError(f"--out {self.uri} already holds {what}; pass --overwrite to replace it, or choose "
                                   "another --out")
+        return what, unfinished
+
+    def clear(self) -> None:
+        """Deletes what the folder holds (after ``check_free`` allowed it)."""
         self.fs.delete_dir_contents(self.path)
-        return what
 
     def start(self, token: str, **about: Any) -> None:
         """Writes ``_STARTED`` (the folder is created when missing)."""

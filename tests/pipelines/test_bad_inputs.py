@@ -26,6 +26,8 @@ def folder(tmp_path_factory) -> Path:
     """Files a user might point a command at by mistake."""
     here = tmp_path_factory.mktemp("inputs")
     (here / "a_folder").mkdir()
+    (here / "partial_features").mkdir()  # an embedding job's output that was killed before it finished
+    (here / "partial_features" / "_STARTED").write_text('{"token": "0123456789ab"}')
     (here / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (here / "list.yaml").write_text("- loss\n- train\n")
     (here / "number_key.yaml").write_text("loss:\n  0.5: beta\n")
@@ -73,8 +75,8 @@ def _image_tree(root: Path, counts: dict[str, int]) -> None:
             (root / name / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
 
 
-P, T, E, R, L, B, S = ("pipelines.pretrain", "pipelines.tune", "pipelines.evaluate", "pipelines.registry",
-                       "pipelines.train_local", "pipelines.benchmark", "pipelines.cli")
+P, T, E, R, L, B, S, M = ("pipelines.pretrain", "pipelines.tune", "pipelines.evaluate", "pipelines.registry",
+                          "pipelines.train_local", "pipelines.benchmark", "pipelines.cli", "pipelines.embed")
 CASES = [
     # (module, arguments ({f} = the fixture folder), what the message must name)
     (P, "--config nope.yaml", "config file not found: nope.yaml"),
@@ -159,6 +161,26 @@ CASES = [
     (E, f"--config {QUICK}", "--model"),
     (E, "--config nope.yaml --model models:/x@champion", "config file not found: nope.yaml"),
     (E, f"--config {QUICK} --model models:/x/1 train.knn_k=0", "train.knn_k=0"),
+    (E, f"--config {QUICK} --features {{f}}/partial_features --test-features {{f}}/partial_features",
+     "--features: {f}/partial_features is not a complete embedding (no _SUCCESS: the embedding job that wrote it "
+     "did not finish)"),
+    (E, f"--config {QUICK} --features {{f}}/missing --test-features {{f}}/missing", "--features: {f}/missing: no such"),
+    (E, f"--config {QUICK} --features {{f}}/partial_features", "give --model, or --features with --test-features"),
+    (E, f"--config {QUICK} --model models:/x@champion --features {{f}}/a --test-features {{f}}/b", "(not both)"),
+    (M, f"--config {QUICK} --model champion --out {{f}}/o", "--model must look like models:/<name>@<alias>"),
+    (M, f"--config {QUICK} --model models:/x@champion", "--out"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o --split test", "invalid choice: 'test'"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o embed.actors=0", "embed.actors=0"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o tune.name=x",
+     "tune.name: a setting of python -m pipelines.tune"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/no_such/o", "--out {f}/no_such/o: the folder"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/notes.txt", "a file, not a folder"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/garbage_cifar",
+     "other file(s) or folder(s); pass --overwrite to replace it"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o tracking.uri=sqlite:///{{f}}/typo.db",
+     "typo.db does not exist"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o data.source=imagefolder data.root={{f}}/nope",
+     "data.root='{f}/nope'"),
     (R, "--tracking-uri sqlite:///{f}/typo.db list", "typo.db does not exist"),
     (R, "--tracking-uri sqlite:///{f}/typo.db show models:/x@champion", "typo.db does not exist"),
     (R, "show champion", "model must look like models:/<name>@<alias>"),
