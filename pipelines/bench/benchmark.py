@@ -8,6 +8,7 @@
     python -m pipelines.benchmark ingest --images 16000 --memory-sizes none --json ingest.json
     python -m pipelines.benchmark ingest --setting imagenet --images 2000 --memory-sizes none
     python -m pipelines.benchmark ingest --root DIR   # your own image folder
+    python -m pipelines.benchmark embed --images 4000   # the embedding job vs a one-process loop
 """
 
 from __future__ import annotations
@@ -338,13 +339,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["loss", "augment", "train", "ingest", "driver-memory"])
+    parser.add_argument("what", choices=["loss", "augment", "train", "ingest", "embed", "driver-memory"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=None, help="train: batch size (cpu 32, cuda 256)")
     parser.add_argument("--width", type=float, default=None, help="train: ResNet width (cpu 0.5, cuda 1.0)")
     parser.add_argument("--steps", type=int, default=None, help="train: steps per timing (cpu 3, cuda 20)")
-    parser.add_argument("--images", type=int, default=4000, help="ingest: images in the throughput comparison")
+    parser.add_argument("--images", type=int, default=4000, help="ingest, embed: images in the throughput comparison")
+    parser.add_argument("--actors", type=int, default=2, help="embed: the job's encoder actors (embed.actors)")
     parser.add_argument("--root", default="", help="ingest: an existing image folder (<class>/<image>) to read "
                                                    "instead of generated JPEGs")
     parser.add_argument("--setting", default="64px", choices=sorted(ingest.INGEST_SETTINGS),
@@ -352,10 +354,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "resized to 256 px, the ImageNet preset's CPU share)")
     parser.add_argument("--epochs", type=int, default=3, help="ingest: epochs of each loader (>= 2: the first, "
                                                                "then the steady state)")
-    parser.add_argument("--json", default="", help="ingest: also write the figures to this JSON file")
+    parser.add_argument("--json", default="", help="ingest, embed: also write the figures to this JSON file")
     parser.add_argument("--memory-sizes", default="5000,50000", type=_sizes,
                         help="ingest: folder sizes for the driver's peak RSS, comma-separated integers, or none")
-    parser.add_argument("--workdir", default="", help="ingest: where the JPEG folders go (default: a temp dir)")
+    parser.add_argument("--workdir", default="", help="ingest, embed: where the JPEG folders go (default: a temp dir)")
     args, rest = parser.parse_known_args(argv)
     if args.what == "driver-memory":  # pipelines.pretrain's config arguments follow
         print(json.dumps(ingest.driver_peak_rss(rest)))
@@ -368,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.width is None or 0 < args.width <= 8, f"--width must be in (0, 8], got {args.width}"),
         (args.images >= 1, f"--images must be >= 1, got {args.images}"),
+        (args.actors >= 1, f"--actors must be >= 1, got {args.actors}"),
         (args.epochs >= 2, f"--epochs must be >= 2 (the first epoch, then the steady state), got {args.epochs}"),
         (not args.root or Path(args.root).is_dir(), f"--root {args.root}: no such folder"),
     ] if not ok]
@@ -383,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.what == "ingest":
         ingest.bench_ingest(args.images, args.memory_sizes, args.workdir, root=args.root, setting=args.setting,
                             epochs=args.epochs, json_path=args.json)
+    elif args.what == "embed":
+        from pipelines.bench.embed import bench_embed
+
+        bench_embed(args.images, actors=args.actors, workdir=args.workdir, json_path=args.json)
     elif args.what == "loss":
         bench_loss(args.device)
         bench_lightly(args.device)

@@ -396,3 +396,27 @@ def test_one_class_and_an_empty_held_out_side_are_errors_with_counts(tmp_path):
     cfg = data_cfg(source="imagefolder", root=str(tmp_path / "two"), image_size=8, test_fraction=0.01)
     with pytest.raises(DataError, match="held-out side of .* is empty: of its 2 images, 2 are labelled"):
         build_dataset(cfg, "eval_test")
+
+
+# ---------------------------------------------------------------- keys (pipelines.embed)
+
+
+def test_keyed_splits_name_every_image_once_and_change_nothing_else(tmp_path):
+    forms = {"cifar10": r"(data_batch_[1-5]|test_batch):\d+", "stl10": r"(unlabeled|train|test)_X\.bin:\d+",
+             "imagefolder": r"(cat|dog)/\d\.png|loose\.png", "parquet": r"[0-9a-f]{16}", "digits": r"digits:\d+"}
+    for name, cfg in every_source(tmp_path).items():
+        for split in ("pretrain", "eval_test"):
+            keyed = build_dataset(cfg, split, keyed=True)
+            table = keyed.dataset.take_all()
+            keys = [r["key"] for r in table]
+            assert len(keys) == len(set(keys)) > 0, (name, split)
+            assert len(keys) == keyed.num_images or name == "parquet"  # Parquet counts rows before the held-out hash
+            assert all(re.fullmatch(forms[name], k) for k in keys), (name, keys[:3])
+            images, labels = rows(build_dataset(cfg, split))
+            order = sorted(range(len(table)), key=lambda i: table[i]["image"].tobytes())
+            np.testing.assert_array_equal(np.stack([table[i]["image"] for i in order]), images)
+            np.testing.assert_array_equal([table[i]["label"] for i in order], labels)
+    expected = write_cifar10(tmp_path / "named")  # a key names the image: file and index in it
+    table = build_dataset(data_cfg(source="cifar10", root=str(tmp_path / "named")), "pretrain", keyed=True)
+    by_key = {r["key"]: r["image"] for r in table.dataset.take_all()}
+    np.testing.assert_array_equal(by_key["data_batch_3:2"], expected["data_batch_3"][0][2])
