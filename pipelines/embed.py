@@ -61,15 +61,18 @@ class Progress:
 
 
 class EncodeBatches:
-    """A Ray Data actor: loads the registered encoder once, then encodes batches of decoded images
-    (``image``, ``label``, ``key``) into rows of the stored layout."""
+    """A Ray Data actor: loads the encoder once from its pt2 archive (read from the registry by the
+    driver: the actors need neither MLflow nor its credentials), then encodes batches of decoded
+    images (``image``, ``label``, ``key``) into rows of the stored layout."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, transform: dict[str, Any], use_gpu: bool,
-                 progress: Any) -> None:
-        from pipelines.evaluate import load_encoder
+    def __init__(self, program: Any, transform: dict[str, Any], use_gpu: bool, progress: Any) -> None:
+        import ray
+
+        from sscl.model_registry import program_module
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.encoder = load_encoder(model_uri, tracking_uri, resolve=False).to(self.device)
+        archive = ray.get(program) if isinstance(program, ray.ObjectRef) else program
+        self.encoder = program_module(archive).to(self.device)
         self.transform, self.progress = transform, progress
         side = transform["image_size"]
         with torch.no_grad():  # the feature size, for the empty batches' rows
@@ -121,16 +124,19 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     tracking.check_store_exists(uri)  # never creates a store: the model must already be in one
     version = _version(uri, model_uri)  # a missing model or server fails here, before any data is read
     image_size = model_registry.registered_image_size(uri, model_uri)
+    program = model_registry.registered_program(uri, model_uri)
     init_ray(dashboard=False)
     use_data_settings()
     console.quiet_ray_data()
     bad_images = bad_images_actor()
     data = build_dataset(cfg.data, split, bad_images=bad_images, keyed=True)
     progress = ray.remote(Progress).options(num_cpus=0).remote()
+    # On CPUs Ray Data fuses the decoding into the actors (one hop less); with GPUs the resources
+    # differ, so decoding stays in CPU tasks that feed the GPU actors.
     features = data.dataset.map_batches(
         EncodeBatches, batch_size=cfg.data.eval_batch_size,
         compute=ray.data.ActorPoolStrategy(size=embedding.actors),
-        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri, "transform": eval_transform(cfg, image_size),
+        fn_constructor_kwargs={"program": ray.put(program), "transform": eval_transform(cfg, image_size),
                                "use_gpu": cfg.scaling.use_gpu, "progress": progress},
         num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
     params = {"model": model_uri, "model.name": version["name"], "model.version": version["version"],

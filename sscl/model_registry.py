@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 __all__ = ["EMBEDDING_OF", "LATEST_EMBEDDING", "ONNX_TOLERANCE", "OnnxUnavailable", "close_embedding_run",
-           "describe_version", "embedding_runs", "end_unfinished_run", "export_onnx", "list_versions", "load_registered", "onnx_atol",
-           "open_embedding_run", "registered_image_size", "require_onnx", "set_alias"]
+           "describe_version", "embedding_runs", "end_unfinished_run", "export_onnx", "list_versions",
+           "load_registered", "onnx_atol", "open_embedding_run", "program_module", "registered_image_size",
+           "registered_program", "require_onnx", "set_alias"]
 
 EMBEDDING_OF = "sscl.embedding_of"  # an embedding run's tag: "<name>/<version>" of the encoder it ran
 LATEST_EMBEDDING = "latest_embedding_run"  # a version's tag: the run id of its latest finished embedding
@@ -114,6 +115,29 @@ def load_registered(uri: str, model_uri: str) -> nn.Module:
             return mlflow.pytorch.load_model(model_uri)
     except MlflowException as err:
         raise ValueError(f"cannot load {model_uri} from {redact_uri(uri)}: {err.message}") from None
+
+
+def registered_program(uri: str, model_uri: str) -> bytes:
+    """The pt2 archive of the encoder at ``model_uri``, read once (e.g. by a driver, for workers that
+    should not each ask the tracking server, nor need its credentials), after MLflow has checked
+    that it holds no pickled objects and loads. ``program_module`` turns it into the encoder.
+
+    Raises:
+        ConnectionError, ValueError: as ``load_registered``.
+    """
+    import mlflow
+
+    load_registered(uri, model_uri)  # missing, unreachable or unpickling: refused here
+    with tempfile.TemporaryDirectory() as folder, model_flavour_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder))
+        return (local / "data" / "model.pt2").read_bytes()
+
+
+def program_module(program: bytes) -> nn.Module:
+    """The encoder of a pt2 archive from ``registered_program`` (torch only: no MLflow needed)."""
+    import io
+
+    return torch.export.load(io.BytesIO(program)).module()
 
 
 def registered_image_size(uri: str, model_uri: str) -> int | None:

@@ -119,6 +119,15 @@ def _http_get(uri: str, path: str, timeout_s: float) -> str:
         ) from None
 
 
+def _sqlite_artifacts(uri: str) -> str | None:
+    """``mlruns`` beside a sqlite store's database file, as a file URI; None (the server's or
+    MLflow's own choice) for other stores."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return None
+    return (Path(path).expanduser().resolve().parent / "mlruns").as_uri()
+
+
 def _check_sqlite_path(uri: str) -> None:
     """A ``sqlite:///`` store's file: not a folder; its folder is created when missing."""
     path = Path(uri[len("sqlite:///"):])
@@ -237,7 +246,7 @@ def open_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, A
     from mlflow.entities import Param
 
     store = client(uri)
-    experiment_id = _experiment_id(store, experiment)
+    experiment_id = _experiment_id(store, experiment, uri)
     previous = find_runs(store, [experiment_id], {RUN_NAME_TAG: run_name}, max_results=1)
     if previous:
         return previous[0].info.run_id
@@ -249,8 +258,10 @@ def open_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, A
     return run_id
 
 
-def _experiment_id(store: MlflowClient, name: str) -> str:
-    """The id of the active experiment ``name``, created when missing (as ``mlflow.set_experiment`` does).
+def _experiment_id(store: MlflowClient, name: str, uri: str) -> str:
+    """The id of the active experiment ``name``, created when missing (as ``mlflow.set_experiment`` does;
+    in a sqlite store, with its artifacts in ``mlruns`` beside the database file, not in the folder the
+    first command happened to run from).
 
     Raises:
         ValueError: when the experiment exists but was deleted (MLflow will not log to it).
@@ -260,7 +271,7 @@ def _experiment_id(store: MlflowClient, name: str) -> str:
     found = store.get_experiment_by_name(name)
     if found is None:
         try:
-            return store.create_experiment(name)
+            return store.create_experiment(name, artifact_location=_sqlite_artifacts(uri))
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it since
                 raise

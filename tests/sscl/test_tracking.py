@@ -56,8 +56,10 @@ def test_model_flavour_uri_is_put_back_after_the_block(no_process_uri, monkeypat
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///outside.db" == mlflow.get_tracking_uri()
 
 
-def test_an_encoder_is_registered_promoted_and_loaded_from_the_store_named(tmp_path, no_process_uri):
+def test_an_encoder_is_registered_promoted_and_loaded_from_the_store_named(tmp_path, no_process_uri, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a command run from another folder
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     run_id = tracking.open_run(uri, "exp", run_name="r", params={}, config_text="")
@@ -77,6 +79,8 @@ def test_an_encoder_is_registered_promoted_and_loaded_from_the_store_named(tmp_p
     torch.testing.assert_close(model_registry.load_registered(uri, "models:/enc@champion")(images),
                                encoder.eval()(images))
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    # The artifacts are beside the database, wherever the command ran.
+    assert any((tmp_path / "mlruns").rglob("MLmodel")) and not (tmp_path / "elsewhere" / "mlruns").exists()
 
 
 def test_names_are_checked_by_mlflows_own_rules_before_any_work():
