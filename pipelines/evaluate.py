@@ -45,16 +45,17 @@ def load_encoder(model_uri: str, tracking_uri: str = "", *, resolve: bool = True
     return model_registry.load_registered(uri, model_uri)
 
 
-def _evaluate_remote(cfg_dict: dict[str, Any], model_uri: str, tracking_uri: str, train_ds, test_ds,
+def _evaluate_remote(cfg_dict: dict[str, Any], program: bytes, train_ds, test_ds,
                      image_size: int | None = None) -> dict[str, float]:
     """Runs as a Ray task with a Train worker's resources: streams both evaluation sets through the
-    encoder on that task's device."""
+    encoder (its pt2 archive, read by the driver: the task needs no MLflow) on that task's device."""
     from sscl.build import eval_transform
     from sscl.config import from_dict
+    from sscl.model_registry import program_module
 
     cfg = from_dict(cfg_dict)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(model_uri, tracking_uri, resolve=False).to(device)
+    encoder = program_module(program).to(device)
     batches = lambda ds: ds.iter_torch_batches(batch_size=cfg.data.eval_batch_size)  # noqa: E731
     return evaluate_encoder(encoder, batches(train_ds), batches(test_ds), device=device, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature, linear_epochs=cfg.train.linear_epochs,
@@ -73,7 +74,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_store_exists(uri)  # read-only: never create a store
     check_roots(cfg.data)
-    load_encoder(model_uri, uri)  # a missing model or server fails here, before any data is read
+    program = model_registry.registered_program(uri, model_uri)  # a missing model or server fails here
     image_size = model_registry.registered_image_size(uri, model_uri)  # the size its export was traced for
     init_ray(dashboard=False)
     use_data_settings()
@@ -81,7 +82,7 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     test = build_dataset(cfg.data, "eval_test").dataset
     task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,
                                                  num_gpus=1 if cfg.scaling.use_gpu else 0)
-    metrics = ray.get(task.remote(to_dict(cfg), model_uri, uri, train, test, image_size))
+    metrics = ray.get(task.remote(to_dict(cfg), ray.put(program), train, test, image_size))
     result = {"model": model_uri, "dataset": cfg.data.source, **metrics}
     print(json.dumps(result, indent=2))
     return result
