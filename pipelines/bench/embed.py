@@ -17,7 +17,7 @@ import torch
 MODEL = "models:/bench-encoder/1"
 
 
-def _register_encoder(uri: str, width: float) -> None:
+def register_encoder(uri: str, width: float) -> None:
     """The quickstart's encoder at ``width`` (untrained: throughput does not depend on the weights),
     registered in the store at ``uri`` as ``MODEL``."""
     from sscl import tracking
@@ -70,7 +70,7 @@ def bench_embed(n_images: int = 4000, *, side: int = 64, width: float = 0.25, ac
     work = Path(workdir or tempfile.mkdtemp(prefix="sscl-bench-embed-"))
     root = write_jpeg_folder(work / "images", n_images, side=side)
     uri = f"sqlite:///{work}/mlflow.db"
-    _register_encoder(uri, width)
+    register_encoder(uri, width)
     cfg = load_config(None, ["data.source=imagefolder", f"data.root={root}", "data.image_size=32",
                              f"tracking.uri={uri}", "model.stem=cifar", f"model.width={width}"])
     init_ray(dashboard=False)

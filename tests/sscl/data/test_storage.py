@@ -70,6 +70,33 @@ def test_decoding_runs_on_both_nodes_and_training_completes(tmp_path, two_nodes,
     assert ran_on == nodes, [(t.name, t.node_id) for t in decoders][:20]
 
 
+@pytest.mark.integration
+def test_embedding_actors_run_on_both_nodes_into_one_complete_output(tmp_path, two_nodes, monkeypatch):
+    import ray
+    from ray.util.state import list_actors
+
+    from pipelines import embed
+    from pipelines.bench.embed import MODEL, register_encoder
+    from pipelines.bench.ingest import write_jpeg_folder
+    from sscl.config import load_config
+    from sscl.data.features import read_features
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = write_jpeg_folder(tmp_path / "images", 400, side=32, n_classes=4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    register_encoder(uri, width=0.125)
+    # Two CPUs per actor on nodes of three: one actor per node.
+    cfg = load_config(None, ["data.source=imagefolder", f"data.root={root}", "data.image_size=32",
+                             f"tracking.uri={uri}", "scaling.cpus_per_worker=2"])
+    result = embed.main(cfg, embed.Embedding(actors=2), model_uri=MODEL, out=str(tmp_path / "features"))
+    stored = read_features(str(tmp_path / "features"))
+    assert result["images"] == 400 and list(stored.keys) == sorted(p.relative_to(root).as_posix()
+                                                                    for p in root.rglob("*.jpg"))
+    encoders = [a for a in list_actors(address=f"http://{two_nodes.dashboard_url}", detail=True, limit=10_000)
+                if "EncodeBatches" in a.class_name]
+    assert {a.node_id for a in encoders} == {n["NodeID"] for n in ray.nodes() if n["Alive"]}, encoders
+
+
 def _can_mask_a_folder() -> bool:
     """Whether this machine lets a process see a folder differently (a private mount namespace)."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
