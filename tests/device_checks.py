@@ -1,4 +1,4 @@
-"""Loss correctness on one device, in torch alone: the check bodies that ``tests/sscl/losses/test_device_losses.py``
+"""Loss correctness on one device (and a registered encoder's pt2 archive loaded there), in torch alone: the check bodies that ``tests/sscl/losses/test_device_losses.py``
 (pytest, on the CPU and on a GPU when there is one) and ``pipelines/bench/gpu_check.py`` (a lent GPU
 machine with PyTorch and maybe nothing else, not even pytest) both import.
 
@@ -254,3 +254,31 @@ def moco_bf16_failures(device: torch.device) -> tuple[list[str], int]:
         if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
             bad.append(f"t={t} beta={beta}")
     return bad, len(settings)
+
+
+# The embedding job's and evaluation's encoder: a registered pt2 archive loaded on the device.
+ENCODER_TOLERANCE = 1e-4  # float32 features of the same images, on the CPU and on the device
+
+
+def encoder_archive_error(device: torch.device) -> float:
+    """Max abs difference between a small ResNet-18's features from its pt2 archive on ``device``
+    (``sscl.model_registry.program_module``, exported with a dynamic batch as registration does) and
+    the module itself on the CPU, on a batch of another size than the one traced."""
+    import io
+
+    from sscl.evaluate import extract_features
+    from sscl.model_registry import program_module
+    from sscl.models import build_model
+    from sscl.tracking import EncoderForExport
+
+    torch.manual_seed(0)
+    encoder = EncoderForExport(build_model("resnet18", stem="cifar", width=0.125).encoder).eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    batches = [{"image": images, "label": torch.zeros(5, dtype=torch.long)}]
+    on_device, _ = extract_features(program_module(archive.getvalue()).to(device), batches, device=device)
+    on_cpu, _ = extract_features(encoder, batches, device="cpu")
+    return float((on_device.cpu() - on_cpu).abs().max())

@@ -109,8 +109,14 @@ def _moco_bf16_row(checks: ModuleType, device: torch.device, case: str) -> Row:
     return Row("correctness", case, float(len(bad)), f"bad of {cases}", f"FAIL: non-finite at {bad[0]}" if bad else "pass")
 
 
+def _encoder_row(checks: ModuleType, device: torch.device, case: str) -> Row:
+    worst = checks.encoder_archive_error(device)
+    return Row("correctness", case, worst, "max abs err", _max_error_status(worst, checks.ENCODER_TOLERANCE))
+
+
 def check_correctness(device: torch.device, plan: Plan) -> list[Row]:
-    """Section 1: the losses on ``device`` against the loop reference, the drawn pool, bf16 stability.
+    """Section 1: the losses on ``device`` against the loop reference, the drawn pool, bf16 stability;
+    a registered encoder's pt2 archive on ``device`` (as the embedding job and evaluation load it).
 
     The checks are ``tests/device_checks.py``'s, as ``tests/sscl/losses/test_device_losses.py`` runs them.
 
@@ -129,6 +135,7 @@ def check_correctness(device: torch.device, plan: Plan) -> list[Row]:
         *((f"{name} bf16 autocast: loss and grads finite", _bf16_row, (name,)) for name in checks.LOSSES),
         ("moco_loss float64 vs loop reference (value, grad q)", _moco_reference_row, ()),
         ("moco_loss bf16 autocast Q=4096: loss and grad finite", _moco_bf16_row, ()),
+        ("encoder pt2 archive on the device vs the module on the CPU", _encoder_row, ()),
     ]
     rows = []
     for case, make_row, args in jobs:

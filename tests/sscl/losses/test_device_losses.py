@@ -1,5 +1,6 @@
-"""Every loss on each device against the loop reference in float64, the drawn hard pool, and the bf16
-autocast grid: on the CPU always, on CUDA when torch sees a GPU. ``make gpu-check`` runs the same checks
+"""Every loss on each device against the loop reference in float64, the drawn hard pool, the bf16
+autocast grid, and a registered encoder's pt2 archive: on the CPU always, on CUDA when torch sees a GPU.
+``make gpu-check`` runs the same checks
 (``tests/device_checks.py``) on a GPU machine that may lack pytest."""
 
 from __future__ import annotations
@@ -60,3 +61,8 @@ def test_a_slightly_wrong_loss_is_caught(monkeypatch):
     monkeypatch.setattr(device_checks, "nt_xent", lambda a, c, *, temperature: real(a, c, temperature=temperature * 1.001))
     assert max(device_checks.reference_errors("nt_xent", torch.device("cpu")).values()) > 1e-6
     assert device_checks.bf16_failures("nt_xent", torch.device("cpu"))[0] == []  # finite, so stable
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_registered_encoders_archive_gives_the_modules_features_on_the_device(device):
+    assert 0 <= device_checks.encoder_archive_error(torch.device(device)) <= device_checks.ENCODER_TOLERANCE
