@@ -89,12 +89,6 @@ class EncodeBatches:
         return feature_table(batch["key"], batch["label"], features.cpu().numpy())
 
 
-def _version(uri: str, model_uri: str) -> dict[str, Any]:
-    from pipelines.registry import show
-
-    return show(model_uri, uri)
-
-
 def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: str = "pretrain",
          overwrite: bool = False) -> dict[str, Any]:
     """Embeds ``split`` of ``cfg.data`` with the encoder at ``model_uri`` into ``out``; returns the
@@ -108,7 +102,7 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
 
     from pipelines.datasets import bad_images_actor, named_data_errors, use_data_settings
     from pipelines.ray_checks import init_ray
-    from pipelines.registry import model_uri_parts
+    from pipelines.registry import model_uri_parts, show
     from sscl import model_registry, tracking
     from sscl.build import eval_transform
     from sscl.data.sources import build_dataset, check_roots
@@ -122,7 +116,7 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     check_roots(cfg.data)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_store_exists(uri)  # never creates a store: the model must already be in one
-    version = _version(uri, model_uri)  # a missing model or server fails here, before any data is read
+    version = show(model_uri, uri)  # a missing model or server fails here, before any data is read
     image_size = model_registry.registered_image_size(uri, model_uri)
     program = model_registry.registered_program(uri, model_uri)
     init_ray(dashboard=False)
@@ -159,12 +153,10 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
                 progress, data.num_images, shown, embedding.progress_every_s):
             features.write_parquet(output.path, filesystem=output.fs, filename_provider=_named(token))
         skipped = ray.get(bad_images.count.remote())
-        manifest = output.finish(token, model=model_uri, model_version=version["version"], run_id=run_id,
-                                 source=cfg.data.source, root=cfg.data.root, split=split, skipped_images=skipped)
-        expected = data.num_images - skipped
-        if _exact_count(cfg, split) and manifest["rows"] != expected:
-            raise RuntimeError(f"wrote {manifest['rows']} rows for {expected} images ({data.num_images} read, "
-                               f"{skipped} skipped); please report it")
+        expected = data.num_images - skipped if _exact_count(cfg, split) else None
+        manifest = output.finish(token, expected_rows=expected, model=model_uri, model_version=version["version"],
+                                 run_id=run_id, source=cfg.data.source, root=cfg.data.root, split=split,
+                                 skipped_images=skipped)
         seconds = time.perf_counter() - started
         figures = {"images": manifest["rows"], "skipped_images": skipped, "seconds": seconds,
                    "images_per_second": manifest["rows"] / max(seconds, 1e-9),
@@ -222,6 +214,9 @@ class _ProgressLines(console.Every):
         try:
             done = ray.get(self.progress.count.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - the display must never stop the job
+            return
+        if not done:
+            print(f"  0/{self.total:,} images (the encoder actors are starting)", file=self.shown, flush=True)
             return
         rate = done / max(time.perf_counter() - self.started, 1e-9)
         print(f"  {done:,}/{self.total:,} images  {rate:.0f} images/s", file=self.shown, flush=True)

@@ -129,12 +129,15 @@ class Output:
         self.fs.create_dir(self.path, recursive=True)
         self._write(STARTED, {"token": token, **about})
 
-    def finish(self, token: str, **manifest: Any) -> dict[str, Any]:
+    def finish(self, token: str, expected_rows: int | None = None, **manifest: Any) -> dict[str, Any]:
         """Completes the output: removes any Parquet file another job left (a killed job's write that
         landed late), counts this job's rows from the files' footers and writes ``_SUCCESS``.
 
         Returns:
             The manifest written, with ``files``, ``rows`` and ``stray_files_removed``.
+
+        Raises:
+            RuntimeError: when the rows are not ``expected_rows`` (the output stays incomplete).
         """
         import pyarrow.dataset as pads
         import pyarrow.fs as pafs
@@ -146,6 +149,9 @@ class Output:
         for path in stray:
             self.fs.delete_file(path)
         rows = pads.dataset(ours, filesystem=self.fs, format="parquet").count_rows() if ours else 0
+        if expected_rows is not None and rows != expected_rows:
+            raise RuntimeError(f"{self.uri}: the job wrote {rows} rows for {expected_rows} images; left incomplete "
+                               "(no _SUCCESS); please report it")
         content = {**manifest, "files": sorted(p.rsplit("/", 1)[-1] for p in ours), "rows": rows,
                    "stray_files_removed": len(stray)}
         self._write(COMPLETE, content)

@@ -99,3 +99,10 @@ def test_a_folder_changed_after_the_job_is_refused(tmp_path):
     with pytest.raises(DataError, match="holds 3 rows but its manifest says 6"):
         read_features(str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / COMPLETE).read_text())["rows"] == 6
+
+
+def test_rows_other_than_the_images_read_leave_the_output_incomplete(tmp_path):
+    output, *_ = finished_output(tmp_path)
+    with pytest.raises(RuntimeError, match="wrote 6 rows for 7 images"):
+        output.finish(TOKEN, expected_rows=7, model="models:/m/1", model_version="1", run_id="run-1")
+    assert not (tmp_path / "out" / COMPLETE).exists() and (tmp_path / "out" / STARTED).exists()
