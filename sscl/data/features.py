@@ -51,12 +51,13 @@ class Output:
     path: str
 
     @classmethod
-    def at(cls, uri: str) -> Output:
-        """The folder at ``uri`` (local path or URI), which may not exist yet.
+    def at(cls, uri: str, flag: str = "--out") -> Output:
+        """The folder at ``uri`` (local path or URI), which may not exist yet; errors name ``flag``.
 
         Raises:
-            ConnectionError: naming ``--out`` when its filesystem cannot be reached.
-            FileNotFoundError: when a local folder's parent does not exist.
+            ConnectionError: when its filesystem cannot be reached.
+            NotADirectoryError: when a local path runs through a file (missing folders are created
+                when the job starts).
         """
         from pathlib import Path
 
@@ -64,14 +65,15 @@ class Output:
 
         if "://" not in uri:
             local = Path(uri).expanduser().resolve()
-            if not local.parent.is_dir():
-                raise FileNotFoundError(f"--out {uri}: the folder {local.parent} does not exist")
+            existing = next(p for p in (local, *local.parents) if p.exists())
+            if existing != local and not existing.is_dir():
+                raise NotADirectoryError(f"{flag} {uri}: {existing} is a file, not a folder")
             uri = str(local)
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
             fs.get_file_info(path)
         except (OSError, ValueError) as err:
-            raise ConnectionError(f"--out {uri}: cannot reach it ({err})") from None
+            raise ConnectionError(f"{flag} {uri}: cannot reach it ({err})") from None
         return cls(uri, fs, path.rstrip("/"))
 
     def _entries(self) -> list[Any]:
@@ -194,8 +196,8 @@ def read_features(uri: str, flag: str = "--features") -> Features:
     """
     import pyarrow.dataset as pads
 
+    output = Output.at(uri, flag)
     try:
-        output = Output.at(uri)
         manifest = output.manifest()
     except (FileNotFoundError, DataError) as err:
         raise type(err)(f"{flag}: {err}") from None

@@ -79,11 +79,15 @@ def test_an_unfinished_jobs_output_is_refused_by_readers_and_cleared_by_the_next
 
 
 def test_bad_places_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--out .*: the folder .*no_such does not exist"):
-        Output.at(str(tmp_path / "no_such" / "out"))
     (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--out .*/a_file/out: .*a_file is a file, not a folder"):
+        Output.at(str(tmp_path / "a_file" / "out"))
     with pytest.raises(FileExistsError, match="a file, not a folder"):
         Output.at(str(tmp_path / "a_file")).check_free(overwrite=True)
+    deep = Output.at(str(tmp_path / "new" / "folders" / "out"))  # created when the job starts
+    assert deep.check_free(overwrite=False) == ("", {}) and not (tmp_path / "new").exists()
+    deep.start(TOKEN)
+    assert (tmp_path / "new" / "folders" / "out" / STARTED).is_file()
     with pytest.raises(FileNotFoundError, match="--test-features: .*missing: no such folder"):
         read_features(str(tmp_path / "missing"), "--test-features")
     (tmp_path / "plain").mkdir()
