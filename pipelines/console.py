@@ -13,6 +13,7 @@ workers' output is not forwarded.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -40,6 +41,45 @@ def setup(is_verbose: bool, path: Path) -> None:
     if not is_verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model read from a server
+        if not isinstance(sys.stdout, _RayletNoticesToLog):
+            sys.stdout = _RayletNoticesToLog(sys.stdout)
+
+
+class _RayletNoticesToLog(io.TextIOBase):
+    """The process's ``sys.stdout`` without ``--verbose``: what Ray's driver thread that relays the
+    raylet's notices prints (e.g. "N PYTHON worker processes have been started", which can come at
+    any moment of a run, also outside ``library_output``) goes to the log file; all else to ``console``."""
+
+    RAY_NOTICE_THREAD = "ray_listen_error_messages"  # ray._private.worker starts it in every driver
+
+    def __init__(self, console: TextIO) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name == self.RAY_NOTICE_THREAD and log_file is not None:
+            with open(log_file, "a") as sink:
+                return sink.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    @property
+    def encoding(self) -> str:  # noqa: D102
+        return self.console.encoding
+
+    @property
+    def errors(self) -> str | None:  # noqa: D102
+        return self.console.errors
+
+    def __getattr__(self, name: str) -> Any:  # ``buffer`` and the like: the console's
+        return getattr(self.console, name)
+
+    def isatty(self) -> bool:
+        return self.console.isatty()
+
+    def fileno(self) -> int:
+        return self.console.fileno()
 
 
 def ray_init_options() -> dict[str, Any]:

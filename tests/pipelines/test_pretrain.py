@@ -38,7 +38,7 @@ def test_console_shows_settings_progress_and_result_without_ray_internals(traine
     assert ours[1].startswith("before training: knn_top1")
     assert [line.split("  loss")[0] for line in ours if line.startswith("epoch") and "steps" not in line] == [
         "epoch   1/2", "epoch   2/2"]
-    assert ours[-3].startswith("registered sscl-digits version 1 (champion): kNN top-1")
+    assert ours[-3].startswith("registered sscl-digits version 1 (champion): kNN top-1"), ours[-6:]
     assert ours[-2] == "load it: mlflow.pytorch.load_model('models:/sscl-digits/1')"
     assert ours[-1] == f"browse:  {trained.uri}"  # the server's own UI
     known = ("run ", "before training", "epoch ", "registered ", "load it", "browse")
