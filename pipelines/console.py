@@ -41,6 +41,9 @@ def setup(is_verbose: bool, path: Path) -> None:
     if not is_verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model read from a server
+        # Ray prints a repeated notice once and holds the repeats, to print them from the main thread
+        # when the driver exits; printed at once, they all come from its relay thread (below).
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when Ray is imported
         if not isinstance(sys.stdout, _RayletNoticesToLog):
             sys.stdout = _RayletNoticesToLog(sys.stdout)
 

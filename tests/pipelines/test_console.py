@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 
@@ -14,6 +15,7 @@ def test_raylet_notices_go_to_the_log_file_and_the_runs_lines_to_the_console(tmp
     monkeypatch.setattr(sys, "stdout", shown)
     monkeypatch.setattr(console, "log_file", None)
     monkeypatch.setattr(console, "verbose", False)
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
     console.setup(False, tmp_path / "logs" / "run.log")
     relay = threading.Thread(target=lambda: print("(raylet) WARNING: 8 PYTHON worker processes have been started"),
                              name=console._RayletNoticesToLog.RAY_NOTICE_THREAD)
@@ -23,3 +25,4 @@ def test_raylet_notices_go_to_the_log_file_and_the_runs_lines_to_the_console(tmp
     assert shown.getvalue() == "epoch   1/2  loss 4.1\n"
     assert "8 PYTHON worker processes" in (tmp_path / "logs" / "run.log").read_text()
     assert sys.stdout.encoding == shown.encoding and not sys.stdout.isatty()
+    assert os.environ["RAY_DEDUP_LOGS"] == "0"  # no repeats held back for the main thread at exit

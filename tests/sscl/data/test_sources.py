@@ -186,7 +186,12 @@ def test_knn_max_images_is_an_exact_stable_subset_and_eval_root_is_the_test_set(
     assert sorted(test_labels.tolist()) == [0, 0, 1, 1]
 
 
-def test_pretrain_file_order_changes_each_epoch_and_repeats_after_a_restart(tmp_path):
+def test_pretrain_file_order_changes_each_epoch_and_repeats_after_a_restart(tmp_path, monkeypatch):
+    import ray.data
+
+    # The files' order is the seed's; rows come as tasks finish unless the order is preserved (a loaded
+    # machine finishes them in another order).
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     write_folder(tmp_path, per_class=40, side=8)
     cfg = data_cfg(source="imagefolder", root=str(tmp_path), image_size=8)
 
