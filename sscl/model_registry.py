@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 __all__ = ["EMBEDDING_OF", "LATEST_EMBEDDING", "ONNX_TOLERANCE", "OnnxUnavailable", "close_embedding_run",
-           "describe_version", "embedding_runs", "end_unfinished_run", "export_onnx", "list_versions",
+           "describe_version", "end_unfinished_run", "export_onnx", "list_versions",
            "load_registered", "onnx_atol", "open_embedding_run", "program_module", "registered_image_size",
            "registered_program", "require_onnx", "set_alias"]
 
@@ -287,13 +287,6 @@ def end_unfinished_run(uri: str, run_id: str) -> None:
             registry.set_terminated(run_id, "KILLED")
     except MlflowException:
         pass
-
-
-def embedding_runs(uri: str, name: str, version: str) -> list[dict[str, Any]]:
-    """The embedding jobs run with ``name`` version ``version``, newest first."""
-    registry = _checked_client(uri)
-    source = registry.get_model_version(name, version)
-    return _embedding_rows(registry, registry.get_run(source.run_id).info.experiment_id, name, version)
 
 
 def _embedding_rows(registry: MlflowClient, experiment_id: str, name: str, version: str) -> list[dict[str, Any]]:
