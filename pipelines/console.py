@@ -128,6 +128,13 @@ def library_output() -> Iterator[TextIO]:
             os.close(saved)
 
 
+def print_notes(*splits: Any, file: TextIO | None = None) -> None:
+    """Prints the notes of the splits a command listed (``Split.notes``: folder links its listing left
+    out), each once: the pretraining set and the kNN bank list the same root."""
+    for note in dict.fromkeys(note for split in splits for note in split.notes):
+        print(note, file=file, flush=True)
+
+
 class ProgressLines:
     """A Ray actor (``num_cpus=0``) holding the lines rank 0 posts, for the driver to print."""
 

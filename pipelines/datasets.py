@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Iterator
 
+from pipelines import console
 from sscl.build import decodes_on_device, views_in_trainer
 from sscl.config import Config
 from sscl.data.augment import two_views
@@ -36,7 +37,8 @@ def use_data_settings() -> None:
 
 
 def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any], int]:
-    """The lazy training and evaluation datasets (listing only: nothing is decoded here).
+    """The lazy training and evaluation datasets (listing only: nothing is decoded here); prints what
+    the listing left out (``console.print_notes``).
 
     Returns:
         ``{"train", "eval_train", "eval_test"}`` Ray Datasets and the number of pretraining images.
@@ -53,6 +55,7 @@ def build_datasets(cfg: Config, bad_images: Any = None) -> tuple[dict[str, Any],
     bank = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images, bad_images=bad_images)
     test = build_dataset(cfg.data, "eval_test", bad_images=bad_images)
     check_bank(cfg.train.knn_k, bank.num_images)
+    console.print_notes(pretrain, bank, test)
     datasets = {"train": train_stream(cfg, pretrain.dataset), "eval_train": bank.dataset, "eval_test": test.dataset}
     return datasets, pretrain.num_images
 

@@ -33,6 +33,7 @@ from pipelines import console
 from pipelines.errors import guarded
 from sscl.config import Config, setting
 from sscl.data.features import Output, feature_table
+from sscl.outputs import check_apart, data_paths, mlflow_store_paths
 
 SPLITS = ("pretrain", "eval_train", "eval_test")
 
@@ -112,9 +113,10 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     output = Output.at(out)
-    held, unfinished = output.check_free(overwrite)  # checked first, cleared once everything else is
-    check_roots(cfg.data)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    check_apart(out, "--out", {**data_paths(cfg.data), **mlflow_store_paths(uri)})
+    claim = output.check_free(overwrite)  # checked first, cleared once everything else is
+    check_roots(cfg.data)
     tracking.check_store_exists(uri)  # never creates a store: the model must already be in one
     version = show(model_uri, uri)  # a missing model or server fails here, before any data is read
     image_size = model_registry.registered_image_size(uri, model_uri)
@@ -141,14 +143,14 @@ def main(cfg: Config, embedding: Embedding, *, model_uri: str, out: str, split: 
     token = uuid.uuid4().hex[:12]
     status, figures = "FAILED", {}
     try:
-        if held:
-            output.clear()
-            print(f"cleared {output.uri}: it held {held}")
-        if unfinished.get("run_id"):  # the killed job's run: its driver could not end it
-            model_registry.end_unfinished_run(uri, unfinished["run_id"])
-        output.start(token, run_id=run_id, model=model_uri)
+        output.start(token, claim, run_id=run_id, model=model_uri)
+        if claim.what:
+            print(f"cleared {output.uri}: it held {claim.what}")
+        if claim.unfinished.get("run_id"):  # the killed job's run: its driver could not end it
+            model_registry.end_unfinished_run(uri, claim.unfinished["run_id"])
         print(f"embedding {data.num_images} images ({cfg.data.source} {split}) with {model_uri} (version "
               f"{version['version']}) on {embedding.actors} actor(s), batch {cfg.data.eval_batch_size} -> {output.uri}")
+        console.print_notes(data)
         with named_data_errors(bad_images), console.library_output() as shown, _ProgressLines(
                 progress, data.num_images, shown, embedding.progress_every_s):
             features.write_parquet(output.path, filesystem=output.fs, filename_provider=_named(token))

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from pipelines import console
 from pipelines.errors import guarded
 from sscl.config import Config, to_dict
 from sscl.data.sources import build_dataset, check_roots
@@ -78,11 +79,12 @@ def main(cfg: Config, model_uri: str) -> dict[str, Any]:
     image_size = model_registry.registered_image_size(uri, model_uri)  # the size its export was traced for
     init_ray(dashboard=False)
     use_data_settings()
-    train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images).dataset
-    test = build_dataset(cfg.data, "eval_test").dataset
+    train = build_dataset(cfg.data, "eval_train", max_images=cfg.train.knn_max_images)
+    test = build_dataset(cfg.data, "eval_test")
+    console.print_notes(train, test, file=sys.stderr)  # stdout is the result's JSON
     task = ray.remote(_evaluate_remote).options(num_cpus=cfg.scaling.cpus_per_worker,
                                                  num_gpus=1 if cfg.scaling.use_gpu else 0)
-    metrics = ray.get(task.remote(to_dict(cfg), ray.put(program), train, test, image_size))
+    metrics = ray.get(task.remote(to_dict(cfg), ray.put(program), train.dataset, test.dataset, image_size))
     result = {"model": model_uri, "dataset": cfg.data.source, **metrics}
     print(json.dumps(result, indent=2))
     return result

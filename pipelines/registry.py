@@ -3,15 +3,18 @@
     python -m pipelines.registry list [--name sscl-digits]
     python -m pipelines.registry show models:/sscl-digits@champion
     python -m pipelines.registry promote sscl-digits 3 [--alias champion]
-    python -m pipelines.registry embed models:/sscl-digits@champion --images batch.npy --out emb.npy
+    python -m pipelines.registry embed models:/sscl-digits@champion --images batch.npy --out emb.npy [--overwrite]
     python -m pipelines.registry export models:/sscl-digits@champion --onnx encoder.onnx [--overwrite]
+    python -m pipelines.registry export models:/sscl-digits@champion --torchvision resnet18.pt [--overwrite]
 
 ``embed`` reads uint8 (N, H, W, 3) images from ``.npy`` and writes (N, F) features, using the
 evaluation transform of ``--config`` (normalisation and crop size).
 
 ``export`` writes the encoder as ONNX (needs ``pip install 'sscl[onnx]'``): input ``images`` float32
 (B, 3, S, S), normalised as in evaluation, dynamic batch B; output ``features`` (B, F). It is checked in
-onnxruntime against the registered encoder before it is written.
+onnxruntime against the registered encoder before it is written. ``--torchvision`` writes instead a
+plain state dict of ``torchvision.models.resnetXX`` (``load_state_dict(..., strict=False)`` leaves only
+``fc`` missing), for ResNets at width 1 with the ImageNet stem; other encoders are refused, saying why.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipelines.errors import guarded
+from sscl import tracking
 from sscl.config import load_config
+from sscl.outputs import check_file_out, mlflow_store_paths, replace_file
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 def _uri(tracking_uri: str) -> str:
     """The tracking URI of a read-only command: a sqlite store must exist (never created here)."""
-    from sscl import tracking
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_store_exists(uri)
     return uri
@@ -69,7 +72,7 @@ def show(model_uri: str, tracking_uri: str = "") -> dict[str, Any]:
 
 def promote(name: str, version: str, alias: str = "champion", tracking_uri: str = "") -> dict[str, Any]:
     """Points ``alias`` at ``version`` (e.g. to roll back the champion by hand)."""
-    from sscl import model_registry, tracking
+    from sscl import model_registry
 
     try:
         tracking.check_names(alias=alias)  # before the store: a wrong alias is wrong anywhere
@@ -78,8 +81,15 @@ def promote(name: str, version: str, alias: str = "champion", tracking_uri: str 
     return model_registry.set_alias(_uri(tracking_uri), name, version, alias)
 
 
-def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "") -> tuple[int, int]:
-    """Writes the encoder's features of the images in ``images_path`` to ``out_path`` (.npy)."""
+def embed(model_uri: str, images_path: str, out_path: str, config: str | None = None, tracking_uri: str = "", *,
+          overwrite: bool = False) -> tuple[int, int]:
+    """Writes the encoder's features of the images in ``images_path`` to ``out_path``, a ``.npy`` file
+    written exactly as named (an existing one replaced only with ``overwrite``).
+
+    Raises:
+        ValueError, FileNotFoundError, FileExistsError, IsADirectoryError: naming the flag and the path
+            as given, before the encoder is loaded.
+    """
     from sscl.build import encode
     from pipelines.evaluate import load_encoder
     from sscl import model_registry
@@ -87,12 +97,20 @@ def embed(model_uri: str, images_path: str, out_path: str, config: str | None = 
     cfg = load_config(config)
     path = Path(images_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--images: file not found: {path}")
+        raise FileNotFoundError(f"--images: file not found: {images_path}")
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    out = check_file_out(out_path, "--out", overwrite=overwrite, suffix=".npy",
+                         inputs={"--images": images_path, **mlflow_store_paths(uri)})
     images = _load_images(path)
-    uri = _uri(tracking_uri or cfg.tracking.uri)
+    uri = _uri(uri)
     encoder = load_encoder(model_uri, uri, resolve=False)
     features = encode(encoder, images, cfg, image_size=model_registry.registered_image_size(uri, model_uri)).numpy()
-    np.save(out_path, features)
+
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as fh:  # a file object: np.save would add .npy to a name without it
+            np.save(fh, features)
+
+    replace_file(out, save)
     return features.shape
 
 
@@ -107,13 +125,8 @@ def export(model_uri: str, onnx_path: str, *, overwrite: bool = False, tracking_
     from sscl import model_registry
 
     model_uri_parts(model_uri)
-    out = Path(onnx_path)
-    if out.is_dir():
-        raise IsADirectoryError(f"--onnx {out}: is a folder; give a file such as {out / 'encoder.onnx'}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--onnx {out}: folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--onnx {out}: exists; pass --overwrite to replace it")
+    out = check_file_out(onnx_path, "--onnx", overwrite=overwrite,
+                         inputs=mlflow_store_paths(tracking.resolve_tracking_uri(tracking_uri)))
     try:
         model_registry.require_onnx()
     except ImportError as err:  # the user's to fix: exit 2 with the install command, not a traceback
@@ -157,11 +170,14 @@ def cli(argv: Sequence[str] | None = None) -> Any:
     p_embed = sub.add_parser("embed")
     p_embed.add_argument("model")
     p_embed.add_argument("--images", required=True)
-    p_embed.add_argument("--out", required=True)
+    p_embed.add_argument("--out", required=True, help="the .npy file to write")
+    p_embed.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     p_embed.add_argument("--config")
     p_export = sub.add_parser("export")
     p_export.add_argument("model")
-    p_export.add_argument("--onnx", required=True, metavar="FILE")
+    target = p_export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", metavar="FILE")
+    target.add_argument("--torchvision", metavar="FILE", help="a state dict for torchvision.models.resnetXX")
     p_export.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     args = parser.parse_args(argv)
 
@@ -172,9 +188,16 @@ def cli(argv: Sequence[str] | None = None) -> Any:
             return show(args.model, args.tracking_uri)
         if args.command == "promote":
             return promote(args.name, args.version, args.alias, args.tracking_uri)
+        if args.command == "export" and args.torchvision:
+            from sscl import model_registry
+
+            model_uri_parts(args.model)
+            return model_registry.export_torchvision(_uri(args.tracking_uri), args.model, args.torchvision,
+                                                     overwrite=args.overwrite)
         if args.command == "export":
             return export(args.model, args.onnx, overwrite=args.overwrite, tracking_uri=args.tracking_uri)
-        return {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri)),
+        return {"features_shape": list(embed(args.model, args.images, args.out, args.config, args.tracking_uri,
+                                             overwrite=args.overwrite)),
                 "out": args.out}
 
     out = guarded("python -m pipelines.registry", run)

@@ -6,7 +6,8 @@ Useful on a GPU box that has only PyTorch, and for quick checks.
     python -m pipelines.train_local --config pipelines/configs/quickstart.yaml train.epochs=3
 
 Writes ``model.pt`` (the model's state dict) and ``result.json`` (config, per-epoch history, final
-metrics) to ``--out-dir`` (default ``outputs/local/<train.run_name>``).
+metrics) to ``--out-dir`` (default ``outputs/local/<train.run_name>``): a new or empty folder, or
+one this command wrote (replaced with ``--overwrite``); a folder holding other files is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
+from pipelines import console
 from pipelines.errors import guarded
 from sscl.config import Config, to_dict
 from sscl.data.local import local_split
 from sscl.evaluate import check_bank
+from sscl.outputs import check_apart, claim_folder, data_paths, replace_file
 from sscl.recipe import Recipe
 
 
@@ -48,7 +51,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | None = None) -> dict[str, Any]:
+COMMAND = "python -m pipelines.train_local"
+OUTPUTS = ("model.pt", "result.json")
+
+
+def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | None = None,
+         overwrite: bool = False) -> dict[str, Any]:
     """Pretrains on ``cfg.data`` on one device, evaluates with the pipeline's protocol (kNN and
     linear probe on frozen features) before training and every ``train.knn_every`` epochs.
 
@@ -58,10 +66,15 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
 
     Raises:
         ValueError, FileNotFoundError, ConnectionError: naming the key, path or device, before training.
+        FileExistsError: when ``out_dir`` holds files this command did not write, or its earlier output
+            without ``overwrite``.
     """
     started = time.perf_counter()
     target = resolve_device(device)
     data, train = cfg.data, cfg.train
+    out = Path(out_dir or Path("outputs") / "local" / train.run_name)
+    check_apart(str(out), "--out-dir", data_paths(data))
+    claim_folder(out, "--out-dir", COMMAND, may_hold=OUTPUTS, overwrite=overwrite)
     pretrain = local_split(data, "pretrain")
     bank = local_split(data, "eval_train", max_images=train.knn_max_images)
     test = local_split(data, "eval_test")
@@ -77,6 +90,7 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
 
     print(f"{data.source} ({pretrain.num_images} images) on {target}, {cfg.model.encoder} x{cfg.model.width:g}, "
           f"{cfg.model.method} with loss {cfg.loss.name}, batch {data.batch_size}, {train.epochs} epochs")
+    console.print_notes(pretrain, bank, test)
     initial = evaluate()
     print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in initial.items()))
     while not recipe.done:
@@ -91,14 +105,12 @@ def main(cfg: Config, *, device: str = "auto", workers: int = 0, out_dir: str | 
 
     history = [m.flat() for m in recipe.state.history]
     final = next(m for m in reversed(recipe.state.history) if m.evaluated)
-    out = Path(out_dir or Path("outputs") / "local" / train.run_name)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(recipe.module.state_dict(), out / "model.pt")
+    replace_file(out / "model.pt", lambda path: torch.save(recipe.module.state_dict(), path))
     summary = {"knn_top1": final.knn_top1, "linear_top1": final.linear_top1,
                **{f"initial_{k}": v for k, v in initial.items()}, "epochs": train.epochs,
                "seconds": time.perf_counter() - started, "out_dir": str(out)}
-    (out / "result.json").write_text(json.dumps({"config": to_dict(cfg), "history": history, "final": summary},
-                                                indent=2, default=str))
+    result = json.dumps({"config": to_dict(cfg), "history": history, "final": summary}, indent=2, default=str)
+    replace_file(out / "result.json", lambda path: path.write_text(result))
     print(f"trained: kNN top-1 {summary['knn_top1']:.4f}, linear top-1 {summary['linear_top1']:.4f} (untrained: "
           f"{initial['knn_top1']:.4f}, {initial['linear_top1']:.4f}) (frozen encoder, {data.source} evaluation set, "
           f"{train.epochs} epochs, {summary['seconds']:.0f} s); saved to {out}")
@@ -119,6 +131,7 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
                             help="processes reading and decoding the data (0: the training process)")
         parser.add_argument("--out-dir", default=None, help="default: outputs/local/<train.run_name>")
+        parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command there")
 
     cfg, args = parse_config_and_flags(argv, prog="python -m pipelines.train_local", description=__doc__,
                                        add_flags=flags)
@@ -126,7 +139,8 @@ def cli(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"python -m pipelines.train_local: --workers must be >= 0, got {args.workers}", file=sys.stderr)
         raise SystemExit(2)
     return guarded("python -m pipelines.train_local",
-                   lambda: main(cfg, device=args.device, workers=args.workers, out_dir=args.out_dir))
+                   lambda: main(cfg, device=args.device, workers=args.workers, out_dir=args.out_dir,
+                                overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

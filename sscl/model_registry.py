@@ -1,5 +1,6 @@
 """The model registry as the ``registry`` and ``evaluate`` commands use it: list, describe, alias, load,
-and export a registered encoder to ONNX (for runtimes other than PyTorch).
+and export a registered encoder to ONNX (for runtimes other than PyTorch) or as a state dict of
+torchvision's ResNet (for code that builds ``torchvision.models.resnetXX``).
 
 Registering a training's encoder (and promoting it) is part of closing its run: :mod:`sscl.tracking`.
 Every function takes the tracking URI and checks that the store answers before asking it anything.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sscl.outputs import check_file_out, mlflow_store_paths, replace_file
 from sscl.tracking import (check_names, check_tracking_server, client, filter_literal, find_runs, model_flavour_uri,
                            redact_uri)
 
@@ -25,9 +27,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 __all__ = ["EMBEDDING_OF", "LATEST_EMBEDDING", "ONNX_TOLERANCE", "OnnxUnavailable", "close_embedding_run",
-           "describe_version", "end_unfinished_run", "export_onnx", "list_versions",
+           "describe_version", "end_unfinished_run", "export_onnx", "export_torchvision", "list_versions",
            "load_registered", "onnx_atol", "open_embedding_run", "program_module", "registered_image_size",
-           "registered_program", "require_onnx", "set_alias"]
+           "registered_program", "require_onnx", "set_alias", "torchvision_architecture", "torchvision_atol"]
 
 EMBEDDING_OF = "sscl.embedding_of"  # an embedding run's tag: "<name>/<version>" of the encoder it ran
 LATEST_EMBEDDING = "latest_embedding_run"  # a version's tag: the run id of its latest finished embedding
@@ -38,6 +40,10 @@ LATEST_EMBEDDING = "latest_embedding_run"  # a version's tag: the run id of its 
 # (width 0.25) and 2.1e-6 at scale 1.1 (width 1), at most 1.9e-6 relative: 1e-4 leaves ~50x headroom.
 ONNX_TOLERANCE = 1e-4
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+# |torchvision - registered| allowed on a feature, relative to the features' scale (max |f|, at least 1): the
+# same float32 operations in the same order, eager against the pt2 program: measured 0.0 on a 32-px ResNet-18 at
+# width 1 (features up to 2.4), so 1e-5 only absorbs kernels that may pick another summation order.
+TORCHVISION_TOLERANCE = 1e-5
 # The batch traced and the batches checked differ, so a batch size baked into the graph cannot pass the check.
 TRACE_BATCH, CHECK_BATCHES = 2, (3, 5)
 
@@ -243,6 +249,146 @@ def _compare_in_onnxruntime(onnx_path: Path, encoder: nn.Module,
     if not diff <= atol:  # also catches NaN
         raise RuntimeError(f"ONNX export: onnxruntime differs from torch by {diff:.3g} (> {atol:.3g})")
     return expected[0].shape[1], diff, atol
+
+
+# ---------------------------------------------------------------------------- torchvision state dict
+
+
+def torchvision_atol(features: torch.Tensor) -> float:
+    """The largest difference :data:`TORCHVISION_TOLERANCE` allows from the registered ``features`` (N, F)."""
+    return TORCHVISION_TOLERANCE * max(1.0, float(features.abs().max()))
+
+
+def export_torchvision(uri: str, model_uri: str, path: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Writes the weights of the encoder registered at ``model_uri`` to ``path`` as a state dict of
+    torchvision's ResNet of the same name, once torchvision's model gives its features.
+
+    Only a ResNet of :mod:`sscl.models` at width 1 with the ImageNet stem is torchvision's model (same
+    parameter names and shapes, without ``fc``); the architecture is read from the registered weights
+    themselves, not from the run's config. The file is ``torch.save`` of a plain dict of tensors (nothing
+    pickled but tensors, so ``torch.load``'s default ``weights_only`` reads it), such that
+    ``torchvision.models.resnetXX(weights=None).load_state_dict(state, strict=False)`` misses only
+    ``fc.weight`` and ``fc.bias``. Before it is written, that model with ``fc = nn.Identity()`` is run
+    against the registered (pt2) encoder on random batches. The output follows :mod:`sscl.outputs`
+    (checked before the model is loaded; written beside ``path`` and moved there, so a failed export
+    leaves no file).
+
+    Args:
+        uri: the tracking URI.
+        model_uri: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+        path: the file to write, named in errors as given; not a folder, its folder present, apart from
+            a sqlite store's files.
+        overwrite: replace ``path`` if it exists.
+
+    Returns:
+        ``torchvision`` (the path), ``model``, ``architecture`` (e.g. ``resnet18``), ``image_size`` S
+        checked, ``feature_dim`` F, ``tensors`` written, ``missing`` (``fc.weight``, ``fc.bias``),
+        ``max_abs_diff`` measured, ``atol`` allowed and ``load``: the Python that loads the file.
+
+    Raises:
+        IsADirectoryError, FileNotFoundError, FileExistsError: for a ``path`` that is a folder, whose folder
+        is missing, or that exists without ``overwrite``. ValueError: for a ``path`` on the store's files,
+        when the registry lacks the model, its signature gives no image size, or its encoder is not
+        torchvision's (naming why).
+        RuntimeError: when torchvision's model does not give the registered features.
+    """
+    shown = str(path)
+    # Before the slow load; never onto the store's own files, which a sqlite store keeps beside its users' files.
+    out = check_file_out(shown, "--torchvision", overwrite=overwrite, inputs=mlflow_store_paths(uri))
+    encoder = load_registered(uri, model_uri)
+    image_size = registered_image_size(uri, model_uri)
+    if image_size is None:
+        raise ValueError(f"{model_uri}: its signature gives no (-1, 3, S, S) image input, so its features cannot "
+                         "be checked against torchvision's; register it with sscl.tracking.log_encoder")
+    # Copies: the file must not save the program's storages (torch.save writes whole storages).
+    state = {name.removeprefix("encoder."): tensor.detach().clone()  # EncoderForExport's attribute
+             for name, tensor in encoder.state_dict().items()}
+    architecture = torchvision_architecture(state, model_uri)
+    model, missing = _load_into_torchvision(architecture, state)
+    generator = torch.Generator().manual_seed(0)
+    checks = [torch.randn(n, 3, image_size, image_size, generator=generator) for n in CHECK_BATCHES]
+    with torch.no_grad():
+        expected, got = [encoder(images) for images in checks], [model(images) for images in checks]
+    diff = max(float((have - want).abs().max()) for want, have in zip(expected, got))
+    atol = torchvision_atol(torch.cat(expected))
+    if not diff <= atol:  # also catches NaN
+        raise RuntimeError(f"torchvision export of {model_uri}: torchvision's {architecture} differs from the "
+                           f"registered encoder by {diff:.3g} (> {atol:.3g})")
+    replace_file(out, lambda written: torch.save(state, written))
+    return {"torchvision": shown, "model": model_uri, "architecture": architecture, "image_size": image_size,
+            "feature_dim": expected[0].shape[1], "tensors": len(state), "missing": missing, "max_abs_diff": diff,
+            "atol": atol, "load": f"m = torchvision.models.{architecture}(weights=None); "
+                                  f"m.load_state_dict(torch.load({shown!r}), strict=False)"}
+
+
+def torchvision_architecture(state: dict[str, torch.Tensor], model_uri: str) -> str:
+    """The torchvision ResNet (``resnet18``, ...) whose parameters, without ``fc``, are exactly ``state``'s.
+
+    Args:
+        state: an encoder's state dict, names without the ``encoder.`` prefix.
+        model_uri: the model, for the message.
+
+    Raises:
+        ValueError: naming what differs: not a ResNet of :mod:`sscl.models`, its width, its stem, or a shape.
+    """
+    references = _torchvision_shapes()
+    for name, reference in references.items():
+        if reference.keys() == state.keys():  # names alone fix the depth and block; width and stem change shapes
+            break
+    else:
+        raise ValueError(f"{model_uri}: its weights are not those of a ResNet of sscl.models "
+                         f"({', '.join(references)}), so no torchvision model takes them; {_other_ways(model_uri)}")
+    conv1 = state["conv1.weight"]  # (C, 3, k, k): C = 64 x width; k = 7 for the ImageNet stem, 3 for CIFAR's
+    width, stem = conv1.shape[0] / 64, "imagenet" if conv1.shape[-1] == 7 else "cifar"
+    wanted = [want for want, ok in (("width 1", width == 1), ("the imagenet stem (7x7 stride-2 convolution, then "
+                                                             "max-pool)", stem == "imagenet")) if not ok]
+    if wanted:
+        raise ValueError(f"{model_uri} is {name} at width {width:.4g} with the {stem} stem: torchvision's {name} has "
+                         f"{' and '.join(wanted)}, so its weights do not fit it; {_other_ways(model_uri)}")
+    for key, shape in reference.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{model_uri}: {key} is {tuple(state[key].shape)} where torchvision's {name} has "
+                             f"{tuple(shape)}; {_other_ways(model_uri)}")
+    return name
+
+
+def _other_ways(model_uri: str) -> str:
+    """What a refused torchvision export can do instead, for its message."""
+    return (f"in PyTorch, use it as registered (mlflow.pytorch.load_model({model_uri!r}) loads its pt2 program, "
+            "nothing unpickled); for other runtimes, export it with --onnx")
+
+
+def _torchvision_shapes() -> dict[str, dict[str, torch.Size]]:
+    """Parameter and buffer shapes, without ``fc``, of torchvision's model of each ResNet of :mod:`sscl.models`."""
+    # Imported here: torchvision adds ~1.4 s to every registry command, and only this export needs it.
+    import torchvision
+
+    from sscl.models import ENCODERS
+
+    shapes = {}
+    for name in ENCODERS:
+        with torch.device("meta"):  # shapes only: nothing allocated, no initialisation computed
+            reference = getattr(torchvision.models, name)(weights=None).state_dict()
+        shapes[name] = {k: v.shape for k, v in reference.items() if not k.startswith("fc.")}
+    return shapes
+
+
+def _load_into_torchvision(architecture: str, state: dict[str, torch.Tensor]) -> tuple[nn.Module, list[str]]:
+    """torchvision's ``architecture`` holding ``state``, in eval mode with ``fc = nn.Identity()``; and the
+    keys the load missed.
+
+    Raises:
+        RuntimeError: when the load misses more than ``fc`` or finds keys torchvision lacks.
+    """
+    import torchvision
+
+    model = getattr(torchvision.models, architecture)(weights=None)
+    result = model.load_state_dict(state, strict=False)
+    if sorted(result.missing_keys) != ["fc.bias", "fc.weight"] or result.unexpected_keys:
+        raise RuntimeError(f"torchvision's {architecture} misses {result.missing_keys} and does not know "
+                           f"{result.unexpected_keys} of the exported state (only fc may be missing)")
+    model.fc = nn.Identity()  # the registered encoder ends at the pooled features
+    return model.eval(), list(result.missing_keys)
 
 
 # ---------------------------------------------------------------------------- lineage of embedding jobs

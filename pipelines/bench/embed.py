@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.bench.harness import BENCHMARK
+from sscl.outputs import claim_folder
+
 MODEL = "models:/bench-encoder/1"
 
 
@@ -68,6 +71,7 @@ def bench_embed(n_images: int = 4000, *, side: int = 64, width: float = 0.25, ac
     from sscl.data.features import read_features
 
     work = Path(workdir or tempfile.mkdtemp(prefix="sscl-bench-embed-"))
+    claim_folder(work, "--workdir", BENCHMARK, may_hold=["images", "mlflow.db", "mlruns", "features"])
     root = write_jpeg_folder(work / "images", n_images, side=side)
     uri = f"sqlite:///{work}/mlflow.db"
     register_encoder(uri, width)

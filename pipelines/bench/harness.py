@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 
 T = TypeVar("T")
+BENCHMARK = "python -m pipelines.benchmark"  # the owner named in the work folders it makes (sscl.outputs)
 Loss2 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z1, z2) -> loss
 
 

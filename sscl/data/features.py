@@ -6,11 +6,16 @@ One row per image: ``key`` (string: the image's name within its source, ``build_
 The folder (local, NFS or an object-store URI) holds the job's ``*.parquet`` files and two markers,
 which Parquet readers skip (names starting with ``_``):
 
-- ``_STARTED``: written first (JSON: the job's token and MLflow run). A folder with it and without
-  ``_SUCCESS`` is the output of a job that did not finish: the next job clears it.
+- ``_STARTED``: written first (JSON: the job's token, MLflow run, and what of an earlier job it
+  replaces). A folder with it and without ``_SUCCESS`` is the output of a job that did not finish:
+  the next job clears it.
 - ``_SUCCESS``: written last (JSON manifest: files, rows, feature size, model, data). Only a folder
   with it is complete; readers refuse the rest. Object stores have no atomic folder rename, so
   completeness is this marker, not a move.
+
+A job removes only what embedding jobs wrote there (the markers, the files a ``_SUCCESS`` lists, the
+Parquet files named after a job's token); a folder holding anything else is refused
+(``sscl.outputs``'s rule for every command).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from sscl.data.decode import DataError
+import pyarrow.fs as pafs
 
-__all__ = ["COMPLETE", "STARTED", "Features", "Output", "feature_table", "read_features"]
+from sscl.data.decode import DataError
+from sscl.outputs import few
+
+__all__ = ["COMPLETE", "STARTED", "Claim", "Features", "Output", "feature_table", "read_features"]
 
 STARTED, COMPLETE = "_STARTED", "_SUCCESS"
 
@@ -40,6 +48,18 @@ def feature_table(keys: Any, labels: Any, features: np.ndarray) -> Any:
         "label": pa.array(labels, type=pa.int64(), mask=labels < 0),
         "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
     })
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a job found at its output folder (``Output.check_free``): ``what`` it holds ("" when
+    nothing), the unfinished job's ``_STARTED`` record ({} when none), the names of the earlier jobs'
+    ``files`` (markers included) and their ``tokens``."""
+
+    what: str
+    unfinished: dict[str, Any]
+    files: tuple[str, ...]
+    tokens: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -61,8 +81,6 @@ class Output:
         """
         from pathlib import Path
 
-        import pyarrow.fs as pafs
-
         if "://" not in uri:
             local = Path(uri).expanduser().resolve()
             existing = next(p for p in (local, *local.parents) if p.exists())
@@ -77,8 +95,6 @@ class Output:
         return cls(uri, fs, path.rstrip("/"))
 
     def _entries(self) -> list[Any]:
-        import pyarrow.fs as pafs
-
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
             return []
@@ -86,75 +102,103 @@ class Output:
             raise FileExistsError(f"--out {self.uri}: a file, not a folder; choose a folder path")
         return self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
 
-    def _read(self, name: str) -> dict[str, Any]:
-        with self.fs.open_input_stream(f"{self.path}/{name}") as fh:
-            return json.loads(fh.read().decode())
+    def _marker(self, name: str, required: str) -> dict[str, Any]:
+        """The JSON object in marker ``name``, which must hold the key ``required``.
+
+        Raises:
+            FileExistsError: naming the marker when it is not one this project writes (a user's file
+                of that name, an empty or damaged one): nothing in the folder is then ours to touch.
+        """
+        text = None
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{name}") as fh:
+                text = fh.read().decode()
+            record = json.loads(text)
+        except (OSError, ValueError) as err:
+            why = "it is empty" if text is not None and not text.strip() else str(err)
+            record, problem = {}, f"cannot be read as JSON ({why})"
+        else:
+            problem = "" if isinstance(record, dict) and required in record else f"holds no {required!r}"
+        if problem:
+            raise FileExistsError(f"--out {self.uri}: its {name} {problem}, so it is not a marker written by python -m "
+                                  "pipelines.embed; nothing was changed: move it away or choose another --out")
+        return record
 
     def _write(self, name: str, content: dict[str, Any]) -> None:
         with self.fs.open_output_stream(f"{self.path}/{name}") as fh:
             fh.write(json.dumps(content, indent=2).encode())
 
-    def check_free(self, overwrite: bool) -> tuple[str, dict[str, Any]]:
-        """Whether a job may write here (nothing is changed): a complete output, or a folder no job
-        wrote, is replaced only with ``overwrite``; an unfinished job's output always is (nothing in
-        it is complete).
-
-        Returns:
-            What is there ("" when nothing; the job clears it, ``clear``), and the unfinished job's
-            ``_STARTED`` record ({} when none).
+    def check_free(self, overwrite: bool) -> Claim:
+        """Whether a job may write here (nothing is changed). The folder must be missing, empty or hold
+        only what embedding jobs wrote: their markers, the files a ``_SUCCESS`` lists and the Parquet
+        files named after a job's token; anything else is refused, with or without ``overwrite``. A
+        complete output is replaced only with ``overwrite``; an unfinished job's output always is.
 
         Raises:
-            FileExistsError: naming ``--overwrite`` and what the folder holds.
+            FileExistsError: naming a few of the files no embedding job wrote, a marker that is not
+                ours, or ``--overwrite`` when the folder holds a complete output.
         """
-        names = {e.base_name for e in self._entries()}
-        if not names:
-            return "", {}
-        unfinished = self._read(STARTED) if STARTED in names and COMPLETE not in names else {}
-        if COMPLETE in names:
-            found = self._read(COMPLETE)
-            what = f"a complete embedding ({found.get('rows')} images of {found.get('model')})"
-        elif STARTED in names:
-            what = "the partial output of an embedding job that did not finish"
+        entries = {e.base_name: e for e in self._entries()}
+        if not entries:
+            return Claim("", {}, (), ())
+        started = self._marker(STARTED, "token") if STARTED in entries else {}
+        complete = self._marker(COMPLETE, "files") if COMPLETE in entries else {}
+        tokens = {str(t) for t in (started.get("token"), *started.get("replaces", ()), complete.get("token")) if t}
+        listed = {str(n) for n in (*complete.get("files", ()), *started.get("replaces_files", ()))}
+        ours = {n for n, e in entries.items()
+                if n in (STARTED, COMPLETE) or n in listed or e.type == pafs.FileType.File
+                and n.endswith(".parquet") and any(n.startswith(f"{t}_") for t in tokens)}
+        foreign = set(entries) - ours
+        if foreign:
+            raise FileExistsError(f"--out {self.uri} holds files python -m pipelines.embed did not write "
+                                  f"({few(foreign)}); nothing was changed (they are never deleted, with or without "
+                                  "--overwrite): choose an empty or new folder")
+        if complete:
+            what = f"a complete embedding ({complete.get('rows')} images of {complete.get('model')})"
+            if not overwrite:
+                raise FileExistsError(f"--out {self.uri} already holds {what}; pass --overwrite to replace it, or "
+                                      "choose another --out")
         else:
-            what = f"{len(names)} other file(s) or folder(s)"
-        if not overwrite and not unfinished:
-            raise FileExistsError(f"--out {self.uri} already holds {what}; pass --overwrite to replace it, or choose "
-                                  "another --out")
-        return what, unfinished
+            what = "the partial output of an embedding job that did not finish"
+        return Claim(what, {} if complete else started, tuple(sorted(ours)), tuple(sorted(tokens)))
 
-    def clear(self) -> None:
-        """Deletes what the folder holds (after ``check_free`` allowed it)."""
-        self.fs.delete_dir_contents(self.path)
-
-    def start(self, token: str, **about: Any) -> None:
-        """Writes ``_STARTED`` (the folder is created when missing)."""
+    def start(self, token: str, claim: Claim, **about: Any) -> None:
+        """Claims the folder (created when missing): writes this job's ``_STARTED``, naming what the
+        earlier job left (so a job killed while clearing is still known to be ours), then deletes those
+        files, ``_SUCCESS`` first so that no reader takes a half-cleared folder for complete."""
         self.fs.create_dir(self.path, recursive=True)
-        self._write(STARTED, {"token": token, **about})
+        left = [n for n in claim.files if n not in (STARTED, COMPLETE)]
+        self._write(STARTED, {"token": token, "replaces": list(claim.tokens), "replaces_files": left, **about})
+        for name in ([COMPLETE] if COMPLETE in claim.files else []) + left:
+            self.fs.delete_file(f"{self.path}/{name}")
 
     def finish(self, token: str, expected_rows: int | None = None, **manifest: Any) -> dict[str, Any]:
-        """Completes the output: removes any Parquet file another job left (a killed job's write that
-        landed late), counts this job's rows from the files' footers and writes ``_SUCCESS``.
+        """Completes the output: removes any Parquet file of the jobs this one replaced (a killed job's
+        write that landed late), counts this job's rows from the files' footers and writes ``_SUCCESS``.
 
         Returns:
-            The manifest written, with ``files``, ``rows`` and ``stray_files_removed``.
+            The manifest written, with ``token``, ``files``, ``rows`` and ``stray_files_removed``.
 
         Raises:
             RuntimeError: when the rows are not ``expected_rows`` (the output stays incomplete).
         """
         import pyarrow.dataset as pads
-        import pyarrow.fs as pafs
 
+        replaced = self._marker(STARTED, "token").get("replaces", ())
         ours, stray = [], []
         for entry in self._entries():
             if entry.type == pafs.FileType.File and entry.base_name.endswith(".parquet"):
-                (ours if entry.base_name.startswith(f"{token}_") else stray).append(entry.path)
+                if entry.base_name.startswith(f"{token}_"):
+                    ours.append(entry.path)
+                elif any(entry.base_name.startswith(f"{t}_") for t in replaced):
+                    stray.append(entry.path)
         for path in stray:
             self.fs.delete_file(path)
         rows = pads.dataset(ours, filesystem=self.fs, format="parquet").count_rows() if ours else 0
         if expected_rows is not None and rows != expected_rows:
             raise RuntimeError(f"{self.uri}: the job wrote {rows} rows for {expected_rows} images; left incomplete "
                                "(no _SUCCESS); please report it")
-        content = {**manifest, "files": sorted(p.rsplit("/", 1)[-1] for p in ours), "rows": rows,
+        content = {**manifest, "token": token, "files": sorted(p.rsplit("/", 1)[-1] for p in ours), "rows": rows,
                    "stray_files_removed": len(stray)}
         self._write(COMPLETE, content)
         self.fs.delete_file(f"{self.path}/{STARTED}")
@@ -174,7 +218,10 @@ class Output:
                    else "not the output of python -m pipelines.embed")
             raise DataError(f"{self.uri} is not a complete embedding (no {COMPLETE}: {why}); run the embedding "
                             "job again")
-        return self._read(COMPLETE)
+        try:
+            return self._marker(COMPLETE, "files")
+        except FileExistsError as err:
+            raise DataError(str(err).replace("--out ", "", 1)) from None
 
 
 @dataclass(frozen=True)

@@ -130,20 +130,28 @@ class FolderListing:
 
     Rules: a file counts when its extension is one of ``IMAGE_EXTENSIONS`` (any case) and no part of
     its path below the root starts with ``.`` (hidden files, macOS ``._x.jpg``); names starting with
-    ``_`` count like any other. Symbolic links to files are read; links to folders are followed
-    unless they lead to a folder already listed (a link back to a parent would list the tree again
-    and again). Classes are the folders directly under the root that hold images.
+    ``_`` count like any other. Symbolic links to files are read wherever they point (a subset of a
+    dataset made of links to its files): a file link cannot bring in a tree. A link to a folder is
+    followed only when it resolves to a folder inside the root that is not listed yet; one that leads
+    outside the root, or to an ancestor of it, is left out and counted (followed, ``root/b/up -> ../..``
+    would make every sibling of the root a part of class ``b``); one to the root itself or to a folder
+    already listed adds nothing and is skipped. Broken links are skipped. Classes are the folders
+    directly under the root that hold images. Object stores have no links.
 
     Attributes:
         fs, base: the pyarrow filesystem and the root's path in it.
         paths: every image's path, sorted.
         classes: the sorted class folder names.
+        links_left_out: how many folder links leading outside the root were not followed.
+        first_link_left_out: the first of them, ``<path below the root> -> <where it leads>`` ("" when none).
     """
 
     fs: Any
     base: str
     paths: list[str]
     classes: list[str]
+    links_left_out: int = 0
+    first_link_left_out: str = ""
 
     def class_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.classes, 0)
@@ -158,12 +166,17 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_local(base: str) -> list[str]:
-    """Image paths under a local ``base``. Real folders are listed first, then folder links, each to a
-    folder not listed yet (no loops, no folder twice, the same result whatever the order on disk)."""
+def _walk_local(base: str) -> tuple[list[str], list[str]]:
+    """Image paths under a local ``base``, and the folder links left out (``<link> -> <target>``).
+
+    Real folders are listed first, then folder links, each to a folder inside the root not listed yet
+    (no loops, no folder twice, the same result whatever the order on disk).
+    """
     import os
 
-    found, seen, real, links = [], set(), [base], []
+    root = os.path.realpath(base)
+    inside = os.path.join(root, "")  # with its trailing separator: /data/a is not inside /data/ab
+    found, seen, real, links, left_out = [], set(), [base], [], []
     while real or links:
         folder = real.pop() if real else links.pop(0)
         try:
@@ -178,13 +191,19 @@ def _walk_local(base: str) -> list[str]:
             if entry.name.startswith("."):
                 continue
             try:
-                if entry.is_dir():
-                    (links if entry.is_symlink() else real).append(entry.path)
+                if entry.is_dir() and entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if target.startswith(inside):
+                        links.append(entry.path)
+                    elif target != root:  # outside, or an ancestor; the root itself adds nothing
+                        left_out.append(f"{entry.path[len(base) + 1:]} -> {target}")
+                elif entry.is_dir():
+                    real.append(entry.path)
                 elif entry.is_file() and _is_image(entry.name):
                     found.append(entry.path)
             except OSError:
                 continue
-    return sorted(found)
+    return sorted(found), sorted(left_out)
 
 
 def list_folder(root: str) -> FolderListing:
@@ -196,14 +215,15 @@ def list_folder(root: str) -> FolderListing:
     import pyarrow.fs as pafs
 
     fs, base = filesystem(root)
+    left_out: list[str] = []
     if isinstance(fs, pafs.LocalFileSystem):
-        paths = _walk_local(base)
-    else:
+        paths, left_out = _walk_local(base)
+    else:  # object stores and the like have no links
         listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         paths = sorted(e.path for e in listed if e.type == pafs.FileType.File and _is_image(e.base_name)
                        and not any(part.startswith(".") for part in e.path[len(base) + 1:].split("/")))
     classes = sorted({p[len(base) + 1:].split("/")[0] for p in paths if "/" in p[len(base) + 1:]})
-    return FolderListing(fs, base, paths, classes)
+    return FolderListing(fs, base, paths, classes, len(left_out), left_out[0] if left_out else "")
 
 
 def folder_files(root: str, selection: Selection, classes_root: str) -> tuple[FolderListing, FolderFiles]:
@@ -227,6 +247,22 @@ def folder_files(root: str, selection: Selection, classes_root: str) -> tuple[Fo
                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (classes are matched by "
                             f"name; data.root has {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
     return listing, FolderFiles(listing.base, classes, selection)
+
+
+def listing_notes(listing: FolderListing, root: str, classes_root: str) -> tuple[str, ...]:
+    """What the user is told about ``root``'s listing: one line when it left folder links out, else none.
+
+    Args:
+        listing: ``root``'s listing.
+        root, classes_root: as given to :func:`folder_files` (``root`` is ``data.eval_root`` when they differ).
+    """
+    count = listing.links_left_out
+    if not count:
+        return ()
+    key = "data.root" if root == classes_root else "data.eval_root"
+    more = f", and {count - 1} more" if count > 1 else ""
+    return (f"{key}={root}: left out {count} folder link(s) leading outside the root ({listing.first_link_left_out}"
+            f"{more}); to read those images, copy them into the root or link each file",)
 
 
 def selected_paths(listing: FolderListing, files: FolderFiles, root: str, selection: Selection) -> list[str]:

@@ -12,8 +12,9 @@ import numpy as np
 
 from sscl.data.decode import CorruptDataError, DataError, Decoder
 from sscl.data.formats import (CIFAR, STL_CHUNK, FolderFiles, Selection, check_split, cifar_files, decode_rows,
-                               digits_rows, files_of, filesystem, folder_files, keep_by_hash, parquet_columns,
-                               parquet_decoding, read_cifar_file, read_stl_chunk, selected_paths, stl10_files)
+                               digits_rows, files_of, filesystem, folder_files, keep_by_hash, listing_notes,
+                               parquet_columns, parquet_decoding, read_cifar_file, read_stl_chunk, selected_paths,
+                               stl10_files)
 
 if TYPE_CHECKING:  # pragma: no cover
     from sscl.config import DataConfig
@@ -31,12 +32,13 @@ class LocalSplit:
 
     Attributes:
         units: what one read covers; read: reads one unit into ``image``/``label`` arrays;
-        num_images: as ``Split.num_images``.
+        num_images, notes: as ``Split.num_images`` and ``Split.notes``.
     """
 
     units: list[Any]
     read: Callable[[Any], dict[str, np.ndarray]]
     num_images: int
+    notes: tuple[str, ...] = ()
 
     def batches(self, batch_size: int, *, seed: int | None = None, workers: int = 0,
                 drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -162,7 +164,7 @@ def _local_folder(root: str, selection: Selection, decoder: Decoder, classes_roo
     paths = selected_paths(listing, files, root, selection)
     units = [paths[i : i + _LOCAL_UNIT] for i in range(0, len(paths), _LOCAL_UNIT)]
     return LocalSplit(units, functools.partial(_read_folder_unit, fs=listing.fs, files=files, decoder=decoder),
-                      len(paths))
+                      len(paths), listing_notes(listing, root, classes_root))
 
 
 def _read_folder_unit(paths: list[str], *, fs: Any, files: FolderFiles, decoder: Decoder) -> dict[str, np.ndarray]:

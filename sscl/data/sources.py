@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from sscl.data.decode import Decoder
 from sscl.data.formats import (CIFAR, DECODE_BATCH, STL_CHUNK, Selection, check_split, cifar_files, decode_files,
                                decode_rows, digits_rows, files_of, filesystem, folder_files, keep_by_hash,
-                               parquet_columns, parquet_decoding, read_stl_chunk, selected_paths, stl10_files,
-                               unpickle_cifar)
+                               listing_notes, parquet_columns, parquet_decoding, read_stl_chunk, selected_paths,
+                               stl10_files, unpickle_cifar)
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -40,10 +40,12 @@ __all__ = ["Split", "build_dataset", "check_roots"]
 class Split:
     """Attributes: dataset (lazy; columns ``image``, ``label``); num_images: how many it reads,
     from metadata where the source has it (files listed, Parquet footers, STL-10 file sizes), so
-    undecodable images skipped later are still counted."""
+    undecodable images skipped later are still counted; notes: lines for the user on what the
+    listing left out (``listing_notes``), printed by the pipeline that lists."""
 
     dataset: Any
     num_images: int
+    notes: tuple[str, ...] = ()
 
 
 def _bounded(ds: ray.data.Dataset, max_images: int, total: int | None = None) -> Split:
@@ -145,7 +147,7 @@ def _image_folder(root: str, selection: Selection, decoder: Decoder, seed: int |
     read = ray.data.read_binary_files(paths, filesystem=listing.fs, include_paths=True, shuffle=_shuffle(seed))
     decoded = read.map_batches(decode_files, fn_kwargs={"decoder": decoder, "files": files, "keyed": keyed},
                                batch_size=DECODE_BATCH)
-    return Split(decoded, len(paths))
+    return Split(decoded, len(paths), listing_notes(listing, root, classes_root))
 
 
 def _parquet(root: str, cfg: DataConfig, selection: Selection, decoder: Decoder, seed: int | None,

@@ -34,6 +34,11 @@ def folder(tmp_path_factory) -> Path:
     (here / "broken.yaml").write_text("loss: {temperature: [0.5\n")
     (here / "unknown_space.yaml").write_text("loss.temprature: {grid: [0.1, 0.2]}\n")
     (here / "notes.txt").write_text("these are not images\n")
+    (here / "notes.npy").write_text("a user's file of that name\n")
+    users_files(here / "users_files")
+    (here / "empty_started").mkdir()
+    (here / "empty_started" / "_STARTED").write_text("")
+    np.save(here / "images.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
     np.savez(here / "images.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     np.save(here / "gray.npy", np.zeros((2, 8, 8), dtype=np.uint8))
     (here / "empty_cifar").mkdir()
@@ -55,6 +60,18 @@ def folder(tmp_path_factory) -> Path:
     (here / "strings").mkdir()
     pq.write_table(pa.table({"image": [png] * 80, "label": ["cat", "dog"] * 40}), here / "strings" / "part-0.parquet")
     return here
+
+
+def users_files(folder: Path) -> list[str]:
+    """A folder of a user's own files, which no command may delete; returns what it holds."""
+    (folder / "sub").mkdir(parents=True)
+    for name in ("notes.txt", "photo.png", "sub/thesis.docx"):
+        (folder / name).write_text(f"the user's {name}")
+    return holding(folder)
+
+
+def holding(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -177,7 +194,32 @@ CASES = [
      "--out {f}/notes.txt/o: {f}/notes.txt is a file"),
     (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/notes.txt", "a file, not a folder"),
     (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/garbage_cifar",
-     "other file(s) or folder(s); pass --overwrite to replace it"),
+     "holds files python -m pipelines.embed did not write (cifar-10-batches-py); nothing was changed"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/users_files --overwrite",
+     "did not write (notes.txt, photo.png, sub); nothing was changed"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/train_tree data.source=imagefolder "
+        "data.root={f}/train_tree --overwrite", "--out {f}/train_tree: is data.root ({f}/train_tree)"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/train_tree/cat/features data.source=imagefolder "
+        "data.root={f}/train_tree", "lies inside data.root ({f}/train_tree)"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}} data.source=imagefolder data.root={{f}}/train_tree",
+     "holds data.root ({f}/train_tree)"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/st tracking.uri=sqlite:///{{f}}/st/mlflow.db",
+     "holds the MLflow store"),
+    (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/empty_started",
+     "its _STARTED cannot be read as JSON (it is empty), so it is not a marker written by python -m pipelines.embed"),
+    (R, "embed models:/x@champion --images {f}/images.npy --out {f}/features", "--out {f}/features: must end in .npy"),
+    (R, "embed models:/x@champion --images {f}/images.npy --out {f}/images.npy", "--out {f}/images.npy: is --images"),
+    (R, "embed models:/x@champion --images {f}/images.npy --out {f}/notes.npy", "--out {f}/notes.npy: exists; pass "
+        "--overwrite"),
+    (R, "export models:/x@champion --onnx {f}/a_folder", "--onnx {f}/a_folder: is a folder"),
+    (R, "--tracking-uri sqlite:///{f}/st/mlflow.db export models:/x@champion --onnx {f}/st/mlflow.db --overwrite",
+     "is the MLflow store"),
+    (L, f"--config {QUICK} --out-dir {{f}}/users_files", "--out-dir {f}/users_files: holds files python -m "
+        "pipelines.train_local did not write (notes.txt, photo.png, sub)"),
+    (L, f"--config {QUICK} --out-dir {{f}}/train_tree/out data.source=imagefolder data.root={{f}}/train_tree",
+     "--out-dir {f}/train_tree/out: lies inside data.root"),
+    (B, "embed --workdir {f}/users_files", "--workdir {f}/users_files: holds files python -m pipelines.benchmark did "
+        "not write"),
     (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o tracking.uri=sqlite:///{{f}}/typo.db",
      "typo.db does not exist"),
     (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/o data.source=imagefolder data.root={{f}}/nope",
@@ -223,6 +265,26 @@ def test_a_mistake_exits_2_naming_what_is_wrong(folder, module, arguments, named
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert named.replace("{f}", str(folder)) in out.stderr, out.stderr[-2000:]
     assert not (folder / "typo.db").exists()  # a read-only command never creates a store
+
+
+def test_no_command_deletes_a_users_files_or_its_data_with_or_without_overwrite(folder):
+    """The cases above exit 2; here, what the folders hold afterwards is what they held before."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))} | {"PYTHONPATH": str(ROOT)}
+    users, tree = holding(folder / "users_files"), holding(folder / "train_tree")
+    for module, arguments in (
+            (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/users_files --overwrite"),
+            (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/users_files"),
+            (M, f"--config {QUICK} --model models:/x@champion --out {{f}}/train_tree data.source=imagefolder "
+                "data.root={f}/train_tree --overwrite"),
+            (L, f"--config {QUICK} --out-dir {{f}}/users_files --overwrite"),
+            (L, f"--config {QUICK} --out-dir {{f}}/train_tree data.source=imagefolder data.root={{f}}/train_tree "
+                "--overwrite"),
+            (B, "embed --workdir {f}/users_files")):
+        argv = [a.replace("{f}", str(folder)) for a in arguments.split()]
+        out = subprocess.run([sys.executable, "-m", module, *argv], cwd=folder, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert holding(folder / "users_files") == users and holding(folder / "train_tree") == tree, arguments
 
 
 def test_there_are_at_least_sixty_cases():

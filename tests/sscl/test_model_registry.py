@@ -1,6 +1,8 @@
 """ONNX export of a registered encoder: onnxruntime gives the registered (pt2) encoder's features at any
 batch size, on random inputs and on real digits under the evaluation transform; the command refuses
-what it must with exit status 2 and a message naming the flag or URI."""
+what it must with exit status 2 and a message naming the flag or URI. The torchvision export: a ResNet-18
+at width 1 with the ImageNet stem becomes a state dict that torchvision's resnet18 takes (only ``fc``
+missing) and computes the registered features with; other encoders are refused, saying why."""
 
 from __future__ import annotations
 
@@ -124,3 +126,127 @@ def test_the_export_command_replaces_a_file_with_overwrite(store, monkeypatch, c
     out = registry.cli(["--tracking-uri", uri, "export", MODEL, "--onnx", str(path), "--overwrite"])
     assert out["onnx"] == str(path) and f'"onnx": "{path}"' in capsys.readouterr().out
     onnx.checker.check_model(str(path))
+
+
+# ---------------------------------------------------------------------------- torchvision state dict
+
+TORCHVISION_MODEL, CIFAR_MODEL = "models:/torchvision-test/1", "models:/torchvision-test/2"
+
+
+@pytest.fixture(scope="module")
+def torchvision_store(tmp_path_factory) -> tuple[str, Path]:
+    """A sqlite store holding ``torchvision-test`` version 1, a ResNet-18 at width 1 with the ImageNet stem,
+    and version 2, one at width 0.25 with the CIFAR stem; both 32 px, their batch norms' affine parameters
+    and running statistics away from their initial values (so a load that dropped them would show)."""
+    from sscl.models import build_encoder
+
+    folder = tmp_path_factory.mktemp("torchvision")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    run_id = tracking.open_run(uri, "torchvision", run_name="r", params={}, config_text="")
+    torch.manual_seed(0)
+    for version, (stem, width) in enumerate((("imagenet", 1.0), ("cifar", 0.25)), start=1):
+        encoder = build_encoder("resnet18", stem=stem, width=width).train()
+        for module in encoder.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.normal_(module.bias, std=0.1)
+        with torch.no_grad():
+            for _ in range(3):
+                encoder(torch.randn(8, 3, 32, 32) * 2 + 0.5)
+        info = tracking.log_encoder(uri, run_id, encoder, image_size=32, model_name="torchvision-test")
+        assert str(info.registered_model_version) == str(version)
+    return uri, folder
+
+
+def test_torchvision_resnet18_takes_the_exported_state_dict_and_gives_the_registered_features(torchvision_store,
+                                                                                              tmp_path, monkeypatch):
+    import torchvision
+
+    uri, _ = torchvision_store
+    monkeypatch.chdir(tmp_path)
+    result = model_registry.export_torchvision(uri, TORCHVISION_MODEL, "resnet18.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["resnet18.pt"]  # no temporary file left
+    assert result["torchvision"] == "resnet18.pt" and result["architecture"] == "resnet18"
+    assert result["feature_dim"] == 512 and result["missing"] == ["fc.weight", "fc.bias"]
+
+    state = torch.load("resnet18.pt", weights_only=True)  # plain tensors: nothing else unpickles
+    assert type(state) is dict and all(type(t) is torch.Tensor for t in state.values())
+    assert float(state["bn1.running_var"].sub(1).abs().max()) > 0.1  # trained statistics, not the initial ones
+    model = torchvision.models.resnet18(weights=None)
+    loaded = model.load_state_dict(state, strict=False)
+    assert loaded.missing_keys == ["fc.weight", "fc.bias"] and loaded.unexpected_keys == []
+    model.fc = nn.Identity()
+    model.eval()
+
+    registered = model_registry.load_registered(uri, TORCHVISION_MODEL)
+    generator = torch.Generator().manual_seed(1)
+    for batch in (4, 7):
+        images = torch.randn(batch, 3, 32, 32, generator=generator)
+        with torch.no_grad():
+            want, have = registered(images), model(images)
+        assert have.shape == (batch, 512) and float(want.abs().max()) > 0.1
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-5)
+
+
+def test_torchvision_export_refuses_a_cifar_stem_at_width_quarter_saying_why(torchvision_store, tmp_path):
+    uri, _ = torchvision_store
+    with pytest.raises(ValueError) as refused:
+        model_registry.export_torchvision(uri, CIFAR_MODEL, tmp_path / "resnet18.pt")
+    assert str(refused.value).startswith(f"{CIFAR_MODEL} is resnet18 at width 0.25 with the cifar stem: torchvision's "
+                                         "resnet18 has width 1 and the imagenet stem")
+    assert "mlflow.pytorch.load_model" in str(refused.value) and "--onnx" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_command_refuses_torchvision_for_a_cifar_encoder_with_exit_status_2(torchvision_store, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would win over --tracking-uri
+    uri, _ = torchvision_store
+    with pytest.raises(SystemExit) as stop:
+        registry.cli(["--tracking-uri", uri, "export", CIFAR_MODEL, "--torchvision", str(tmp_path / "resnet18.pt")])
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in message
+    assert ("resnet18 at width 0.25 with the cifar stem: torchvision's resnet18 has width 1 and the imagenet stem"
+            in message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("typed, named", [
+    ("./taken.pt", "--torchvision ./taken.pt: exists; pass --overwrite"),
+    ("no_folder/resnet18.pt", "--torchvision no_folder/resnet18.pt: its folder"),
+    ("sub/", "--torchvision sub/: is a folder"),
+    ("mlflow.db", "--torchvision mlflow.db: is the MLflow store"),
+])
+def test_the_export_command_keeps_the_torchvision_file_rules(torchvision_store, typed, named, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, folder = torchvision_store
+    monkeypatch.chdir(folder)  # relative paths, so the message can be seen to name them as typed
+    (folder / "taken.pt").write_bytes(b"kept")
+    (folder / "sub").mkdir(exist_ok=True)
+    with pytest.raises(SystemExit) as stop:
+        registry.cli(["--tracking-uri", uri, "export", TORCHVISION_MODEL, "--torchvision", typed])
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and named in message and "Traceback" not in message
+    assert (folder / "taken.pt").read_bytes() == b"kept" and list((folder / "sub").iterdir()) == []
+
+
+def test_the_export_command_replaces_a_torchvision_file_with_overwrite(torchvision_store, tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, _ = torchvision_store
+    path = tmp_path / "resnet18.pt"
+    path.write_bytes(b"old")
+    out = registry.cli(["--tracking-uri", uri, "export", TORCHVISION_MODEL, "--torchvision", str(path), "--overwrite"])
+    assert out["torchvision"] == str(path) and f'"torchvision": "{path}"' in capsys.readouterr().out
+    assert sorted(torch.load(path, weights_only=True)) == sorted(
+        k.removeprefix("encoder.") for k in model_registry.load_registered(uri, TORCHVISION_MODEL).state_dict())
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--onnx", "a.onnx", "--torchvision", "a.pt"], "not allowed with argument"),
+    ([], "one of the arguments --onnx --torchvision is required"),
+])
+def test_the_export_command_takes_exactly_one_of_onnx_and_torchvision(flags, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        registry.cli(["export", TORCHVISION_MODEL, *flags])
+    assert stop.value.code == 2 and named in capsys.readouterr().err

@@ -354,7 +354,7 @@ def test_local_split_shuffles_by_seed_in_worker_processes_and_name_bad_files(tmp
 # ---------------------------------------------------------------- one listing, one set of rules
 
 
-def test_one_listing_rules_underscores_in_hidden_out_links_followed_once(tmp_path):
+def test_one_listing_rules_underscores_in_hidden_out_links_inside_only(tmp_path):
     import os
 
     write_folder(tmp_path / "root", per_class=3, side=8, classes=("_private", "cat"))
@@ -363,22 +363,25 @@ def test_one_listing_rules_underscores_in_hidden_out_links_followed_once(tmp_pat
     (tmp_path / "root" / ".cache" / "x.png").write_bytes(b"not read")
     (tmp_path / "root" / "cat" / "_3.PNG").write_bytes(png_bytes(rng_images(1, 8, seed=5)[0]))  # any case
     (tmp_path / "root" / "cat" / "notes.txt").write_text("not an image")
-    os.symlink(tmp_path / "root", tmp_path / "root" / "cat" / "loop")  # a link back to a parent
+    os.symlink(tmp_path / "root", tmp_path / "root" / "cat" / "loop")  # a link back to the root
     write_folder(tmp_path / "elsewhere", per_class=2, side=8, classes=("more",))
-    os.symlink(tmp_path / "elsewhere" / "more", tmp_path / "root" / "linked")  # a link to another folder
+    os.symlink(tmp_path / "elsewhere" / "more", tmp_path / "root" / "linked")  # outside the root: left out
     os.symlink(tmp_path / "root" / "cat", tmp_path / "root" / "alias")  # a second way into a listed folder
     listing = list_folder(str(tmp_path / "root"))
     names = [p[len(listing.base) + 1:] for p in listing.paths]
     assert names == ["_private/0.png", "_private/1.png", "_private/2.png", "cat/0.png", "cat/1.png", "cat/2.png",
-                     "cat/_3.PNG", "linked/0.png", "linked/1.png"]
-    assert listing.classes == ["_private", "cat", "linked"]
+                     "cat/_3.PNG"]
+    assert listing.classes == ["_private", "cat"] and listing.links_left_out == 1
     cfg = data_cfg(source="imagefolder", root=str(tmp_path / "root"), image_size=8)
     from sscl.data.local import local_split
 
-    for split in ("pretrain", "eval_train"):  # both back-ends read the same images
-        assert build_dataset(cfg, split).num_images == local_split(cfg, split).num_images
-    assert build_dataset(cfg, "pretrain").num_images == 9
-    assert sorted(rows(build_dataset(cfg, "pretrain"))[1].tolist()) == [0] * 3 + [1] * 4 + [2] * 2
+    for split in ("pretrain", "eval_train"):  # both back-ends read the same images and say the same
+        ray_split, local = build_dataset(cfg, split), local_split(cfg, split)
+        assert ray_split.num_images == local.num_images and ray_split.notes == local.notes
+        (note,) = local.notes
+        assert "left out 1 folder link(s) leading outside the root (linked -> " in note
+    assert build_dataset(cfg, "pretrain").num_images == 7
+    assert sorted(rows(build_dataset(cfg, "pretrain"))[1].tolist()) == [0] * 3 + [1] * 4
 
 
 def test_eval_root_classes_are_matched_by_name_and_unknown_ones_named(tmp_path):
