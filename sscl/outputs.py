@@ -20,7 +20,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["OWNER_MARKER", "add_to_claim", "claim_folder", "check_apart", "check_file_out", "data_paths", "few", "location", "mlflow_store_paths",
+__all__ = ["OWNER_MARKER", "claim_folder", "check_apart", "check_file_out", "data_paths", "few", "location", "mlflow_store_paths",
            "replace_file"]
 
 # The marker a command leaves in a folder it created for itself (benchmarks' work folders,
@@ -193,10 +193,3 @@ def _record(path: Path) -> dict:
         return {}
     return record if isinstance(record, dict) else {}
 
-
-def add_to_claim(folder: Path, names: Iterable[str]) -> None:
-    """Records more names as written by the folder's command (before they are written)."""
-    marker = folder / OWNER_MARKER
-    record = json.loads(marker.read_text())
-    record["files"] = sorted(set(record["files"]) | set(names))
-    marker.write_text(json.dumps(record, indent=1) + "\n")
